@@ -1,0 +1,105 @@
+"""Helpers for config files (configs/*.py): typed `:preset` arguments and the shared base configs.
+
+A config file's `get_config(arg)` receives the text after ':' in `--config configs/x.py:arg`. `parse_arg` turns
+`"dataset=cifar10,ipc=10,smoke"` into typed values: `key=value` pairs are converted to the type of the key's
+default, and a bare word sets a boolean key to True. Unknown keys and values of the wrong type raise a
+`ConfigError`, so a typo fails at once with one line instead of silently running the default.
+"""
+
+import ml_collections
+
+from calibjax.errors import ConfigError
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a preset string against `defaults` (name -> default value, whose type is the expected type)."""
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(f"unknown preset '{key}' in ':{arg}'; known presets: {', '.join(sorted(defaults))}")
+    kind = type(defaults[key])
+    if not sep:
+      if kind is not bool:
+        raise ConfigError(f"preset '{key}' needs a value, e.g. {key}={defaults[key]}")
+      values[key] = True
+      continue
+    values[key] = _convert(key, text.strip(), kind)
+  return ml_collections.ConfigDict(values)
+
+
+def _convert(key: str, text: str, kind: type):
+  try:
+    if kind is bool:
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+      return text.lower() in ("true", "1")
+    return kind(text)
+  except ValueError:
+    raise ConfigError(f"preset '{key}={text}' is not a valid {kind.__name__}") from None
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every method shares: method, seed, data, model, evaluation and calibration settings."""
+  c = ml_collections.ConfigDict()
+  c.method = "train"
+  c.seed = 0
+  c.distributed = False  # True: call jax.distributed.initialize() (multi-host; arguments auto-detected)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "fashion_mnist"
+  c.data.data_dir = ""  # "" = the documented search order of calibjax.data.load
+  c.data.normalize = "dataset"  # dataset (the references' fixed statistics) | fit (from the train split) | none
+  c.data.zca = False
+  c.data.zca_eps = 0.1  # kornia's ZCAWhitening epsilon, as the MTT reference uses
+  c.data.train_per_class = 0  # > 0: a class-balanced subset of the training split (CPU budgets)
+  c.data.val_per_class = 500  # held out from the training split, per class, for fitting calibrators
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "convnet"
+  c.model.width = 128
+  c.model.depth = 3
+  c.model.norm = "instance"
+  c.model.pooling = "avg"
+  c.model.init = "torch"
+
+  c.calibration = ml_collections.ConfigDict()
+  c.calibration.n_bins = 15
+  c.calibration.ts_method = "converged"  # converged | lbfgs_reference (the reference's under-converged fit)
+  c.calibration.mts_ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+  c.calibration.mts_granularity = "element"  # element (the reference) | pixel (one draw per pixel, all channels)
+  c.calibration.mts_target = "input"  # input (the reference code) | logits (a reading of the paper's Eq. 4)
+
+  c.eval_batch_size = 1000
+  return c
+
+
+def train_config(*, epochs: int, batch_size: int = 256, lr: float = 0.01, schedule: str = "half",
+                 milestones: tuple = (), weight_decay: float = 5e-4, momentum: float = 0.9
+                 ) -> ml_collections.ConfigDict:
+  """SGD training settings; defaults are the dataset-distillation protocol (algorithms.md §3.5)."""
+  c = ml_collections.ConfigDict()
+  c.epochs = epochs
+  c.batch_size = batch_size
+  c.lr = lr
+  c.momentum = momentum
+  c.nesterov = False
+  c.weight_decay = weight_decay
+  c.schedule = schedule  # constant | half | multistep | cosine (calibjax.train.schedules)
+  c.milestones = tuple(milestones)  # epochs after which the lr is ×0.1 (multistep)
+  c.checkpoint_every = 1  # epochs between checkpoints (a killed run resumes from the last one)
+  return c
+
+
+def loss_config(name: str) -> ml_collections.ConfigDict:
+  """`name` plus that loss's hyperparameters at their defaults, so `--config.loss.hparams.gamma=3` is typed.
+
+  Choose the loss with the config file's `loss=` preset: the hyperparameter fields belong to the loss chosen
+  there, and a hyperparameter the loss does not have is refused when the run starts.
+  """
+  from calibjax.calibration.losses import LOSSES  # Imported here: configs that train nothing need no JAX.
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.hparams = ml_collections.ConfigDict(dict(LOSSES.get(name).defaults))
+  return c

@@ -1,0 +1,43 @@
+"""Learning-rate schedules, specified in epochs and compiled to optax step schedules."""
+
+import optax
+
+from calibjax.errors import ConfigError
+
+
+def make_schedule(name: str, *, base_lr: float, epochs: int, steps_per_epoch: int, milestones=(),
+                  factor: float = 0.1, warmup_epochs: int = 0) -> optax.Schedule:
+  """Returns lr(step).
+
+  Args:
+    name: "constant"; "half" (×factor once after epochs // 2 epochs: the dataset-distillation evaluation
+      protocol's single decay); "multistep" (×factor after each epoch in `milestones`, e.g. RepDistiller's
+      150/180/210); "cosine" (cosine annealing to 0 over all epochs, optional linear warm-up).
+    base_lr: initial learning rate.
+    epochs: total epochs of the run.
+    steps_per_epoch: optimiser steps per epoch.
+    milestones: epochs after which the lr is multiplied by `factor` ("multistep").
+    factor: multiplicative decay.
+    warmup_epochs: linear warm-up length for "cosine".
+  """
+  if name == "constant":
+    return optax.constant_schedule(base_lr)
+  if name in ("half", "multistep"):
+    milestones = (epochs // 2,) if name == "half" else tuple(milestones)
+    if any(not 0 < m < epochs for m in milestones):
+      raise ConfigError(f"lr milestones {milestones} must lie strictly between 0 and epochs={epochs}")
+    return optax.piecewise_constant_schedule(
+        base_lr, {int(m) * steps_per_epoch: factor for m in milestones})
+  if name == "cosine":
+    total = epochs * steps_per_epoch
+    if warmup_epochs:
+      return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_epochs * steps_per_epoch, total)
+    return optax.cosine_decay_schedule(base_lr, total)
+  raise ConfigError(f"unknown lr schedule '{name}'; choose one of: constant, half, multistep, cosine")
+
+
+def make_optimizer(*, lr_schedule: optax.Schedule, momentum: float = 0.9, nesterov: bool = False,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD as PyTorch defines it: weight decay is added to the gradient before momentum (coupled L2)."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(lr_schedule, momentum=momentum or None, nesterov=nesterov))
