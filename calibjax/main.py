@@ -35,22 +35,56 @@ def resolve_method(name: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config.method  # the config file is loaded lazily: a missing or broken file raises here
+  except OSError as error:
+    _fail(f"cannot load the config file: {str(error).splitlines()[-1].strip()}")
+  except Exception as error:  # an exception raised inside the file's get_config()
+    _fail(_config_error_line(str(error)))
   try:
     parallel.maybe_initialize_distributed(config.distributed)
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     resolve_method(config.method)(config, _WORKDIR.value)
   except CalibjaxError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(error))
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl flag parsing with one-line errors for bad config files, presets, keys and values."""
+  try:
+    return flags.FLAGS(argv)
+  except CalibjaxError as error:  # raised by a config file's get_config (an unknown loss, say)
+    _fail(str(error))
+  except flags.UnrecognizedFlagError as error:
+    name = str(error).split("'")[1] if "'" in str(error) else str(error)
+    _fail(f"unknown option --{name}: the config has no such key (its keys are defined in the config file)")
+  except flags.Error as error:
+    _fail(_config_error_line(str(error)))
+  except AttributeError as error:  # ml_collections: an override names a key the locked config lacks
+    cause = error.args[0] if error.args else error  # ml_collections wraps the KeyError, whose str is a repr
+    text = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
+    key, _, hint = str(text).partition("\n")
+    _fail(f"unknown config key {key} on the command line{'; ' + hint if hint else ''} (the config file "
+          f"defines its keys)")
+
+
+def _config_error_line(text: str) -> str:
+  """The informative line of an absl/ml_collections error, whose message may embed a whole traceback."""
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if "Traceback" in text:  # error raised inside get_config(): its last line names the exception
+    last = lines[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+  return " ".join(lines[:3]) if len(lines) > 1 else lines[0]
 
 
 def run_cli():
-  try:
-    app.run(main)
-  except CalibjaxError as error:  # raised while the config file is loaded (bad preset)
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
