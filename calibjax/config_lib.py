@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.calibration.mts_granularity = "element"  # element (the reference) | pixel (one draw per pixel, all channels)
   c.calibration.mts_target = "input"  # input (the reference code) | logits (a reading of the paper's Eq. 4)
 
+  from calibjax.data.augment import augment_config  # Imported here: see loss_config.
+  c.augment = augment_config()
+
   c.eval_batch_size = 1000
   return c
 

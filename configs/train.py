@@ -2,8 +2,10 @@
 
   python -m calibjax.main --config configs/train.py:dataset=fashion_mnist,epochs=20 --workdir runs/fmnist_convnet
 
-Presets (`:key=value,...`): dataset, model, epochs, loss, train_per_class (0 = the whole training split),
-batch_size, seed, smoke (a tiny run for tests: digits-sized budget, finishes in seconds).
+Presets (`:key=value,...`): dataset, model, epochs, loss (ce, label_smoothing, focal, flsd53, adafocal, mmce,
+mdca, focal_mdca, dca, logit_norm; its hyperparameters are then `--config.loss.hparams.*`), mixing (none, mixup,
+cutmix, cutout), dsa (DSA augmentation on), train_per_class (0 = the whole training split), batch_size, seed,
+smoke (a tiny run for tests on scikit-learn's digits; finishes in seconds).
 Defaults are the dataset-distillation protocol for full-data ConvNets: SGD momentum 0.9, weight decay 5e-4,
 lr 0.01, batch 256, lr ×0.1 after half the epochs.
 """
@@ -13,7 +15,7 @@ from calibjax import config_lib
 
 def get_config(arg=None):
   preset = config_lib.parse_arg(arg, dataset="fashion_mnist", model="convnet", epochs=20, loss="ce",
-                                train_per_class=0, batch_size=256, seed=0, smoke=False)
+                                mixing="none", dsa=False, train_per_class=0, batch_size=256, seed=0, smoke=False)
   c = config_lib.base_config()
   c.method = "train"
   c.seed = preset.seed
@@ -23,6 +25,8 @@ def get_config(arg=None):
 
   c.train = config_lib.train_config(epochs=preset.epochs, batch_size=preset.batch_size)
   c.loss = config_lib.loss_config(preset.loss)
+  c.augment.mixing = preset.mixing
+  c.augment.dsa = preset.dsa
 
   if preset.smoke:
     c.data.name = "digits" if preset.dataset == "fashion_mnist" else preset.dataset

@@ -12,6 +12,7 @@ import numpy as np
 from calibjax import models, parallel
 from calibjax.calibration import losses
 from calibjax.calibration.report import calibrate_and_report
+from calibjax.data.augment import make_batch_transform
 from calibjax.data.prepare import Splits, prepare
 from calibjax.train import schedules
 from calibjax.train import step as step_lib
@@ -70,8 +71,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   spec = LoopSpec(epochs=config.train.epochs, batch_size=config.train.batch_size, seed=config.seed,
                   checkpoint_every=config.train.checkpoint_every, description=f"train {config.model.name}")
+  batch_transform = make_batch_transform(config.augment, num_classes=splits.num_classes)
   state = fit(net, loss_fn=loss_fn, tx=tx, images=splits.train_images, labels=splits.train_labels, spec=spec,
-              mesh=mesh, workdir=run_dir, end_of_epoch=validate, initial_loss_state=loss_state)
+              mesh=mesh, workdir=run_dir, batch_transform=batch_transform, end_of_epoch=validate,
+              initial_loss_state=loss_state)
   logits_fn = make_logits_fn(net, state, mesh, config.eval_batch_size)
   results = calibrate_and_report(
       logits_fn=logits_fn, val_images=splits.val_images, val_labels=splits.val_labels,
