@@ -17,6 +17,7 @@ from calibjax.errors import CalibjaxError, UnknownNameError
 # Method name -> "module:function", imported on use so one method's dependencies do not slow the others.
 METHODS = {
     "train": "calibjax.train.run:run",
+    "calibrate": "calibjax.calibration.calibrate:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:smoke.",

@@ -3,6 +3,7 @@
 Used for full-data networks, KD teachers and the quickstart.
 """
 
+import json
 import os
 
 import jax
@@ -17,6 +18,8 @@ from calibjax.data.prepare import Splits, prepare
 from calibjax.train import schedules
 from calibjax.train import step as step_lib
 from calibjax.train.loop import LoopSpec, fit
+from calibjax.errors import CheckpointError
+from calibjax.train.checkpoint import Checkpointer
 from calibjax.train.workdir import Workdir
 
 
@@ -87,3 +90,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_dir.write_results(results)
   run_dir.close()
   return results
+
+
+def restore_run(workdir: str):
+  """Rebuilds a finished `train` run from its workdir (read-only): (config, splits, network, train state).
+
+  The data splits are recomputed from the run's own config and seed, so the held-out validation split is exactly
+  the one the run did not train on.
+  """
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise CheckpointError(f"{workdir} is not a calibjax run (no config.json); pass the --workdir of a train run")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.method != "train":
+    raise CheckpointError(f"{workdir} holds a '{config.method}' run; calibrate needs a 'train' run")
+  splits = prepare(config.data, seed=config.seed)
+  net = build_network(config.model, splits)
+  tx = build_optimizer(config.train, steps_per_epoch=len(splits.train_images) // config.train.batch_size)
+  _, loss_state, _ = make_train_loss(config.loss)
+  like = step_lib.init_train_state(net, tx, jax.random.key(0), loss_state=loss_state)
+  with Checkpointer(os.path.join(workdir, "checkpoints")) as checkpoints:
+    step = checkpoints.latest_step()
+    if step != config.train.epochs:
+      raise CheckpointError(f"{workdir} has no final checkpoint (latest epoch {step} of {config.train.epochs}); "
+                            f"finish that run first by running its command again")
+    state, _ = checkpoints.restore(step, like)
+  return config, splits, net, state

@@ -1,0 +1,29 @@
+"""Fit every post-hoc calibrator on a trained network's held-out split and report test metrics before/after.
+
+  python -m calibjax.main --config configs/calibrate.py --config.calibrate.source=runs/quickstart \
+      --workdir runs/quickstart_calibrate
+
+`calibrate.source` is the workdir of a finished `train` run. `calibrate.calibrators` is a '+'-separated list of
+names from `calibjax.calibration.posthoc.CALIBRATORS` plus "mts" (binary-only calibrators, platt and beta, need
+a 2-class network). Presets: smoke (only two MTS ratios, for tests), seed.
+"""
+
+import ml_collections
+
+from calibjax import config_lib
+
+DEFAULT_CALIBRATORS = "temperature+temperature_reference+mts+ets+vector+matrix+dirichlet+histogram+isotonic"
+
+
+def get_config(arg=None):
+  preset = config_lib.parse_arg(arg, smoke=False, seed=0)
+  c = config_lib.base_config()
+  c.method = "calibrate"
+  c.seed = preset.seed
+  c.calibrate = ml_collections.ConfigDict()
+  c.calibrate.source = ""
+  c.calibrate.calibrators = DEFAULT_CALIBRATORS
+  if preset.smoke:
+    c.calibration.mts_ratios = (0.1, 0.5)
+    c.eval_batch_size = 256
+  return c

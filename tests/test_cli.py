@@ -1,0 +1,155 @@
+"""End to end through the command line: smoke runs, resume after SIGKILL, and bad input.
+
+Every case runs `python -m calibjax.main` in a subprocess, as a user would.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args, workdir, timeout=600):
+  return subprocess.run([sys.executable, "-m", "calibjax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
+                        env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def assert_one_line_error(result, *fragments):
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1, result.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/quickstart.py:smoke", "configs/train.py:smoke"])
+def test_smoke_run_writes_every_artifact(tmp_path, config):
+  workdir = str(tmp_path / "run")
+  result = cli(f"--config={config}", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("config.json", "metrics.jsonl", "results.json", "plots/reliability.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "checkpoints"))
+  results = read_json(os.path.join(workdir, "results.json"))
+  for name in ("raw", "ts", "mts"):
+    assert 0.0 <= results[name]["ece"] <= 1.0 and results[name]["nll"] > 0
+  assert results["raw"]["accuracy"] == results["ts"]["accuracy"] == results["mts"]["accuracy"]
+  assert results["ts"]["temperature"] > 0 and results["mts"]["ratio"] in (0.1, 0.5)
+  assert [r["epoch"] for r in read_metrics(workdir)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+  args = ["--config=configs/train.py:smoke", "--config.train.epochs=12", "--config.data.val_per_class=40"]
+  reference = str(tmp_path / "uninterrupted")
+  assert cli(*args, workdir=reference).returncode == 0
+
+  resumed = str(tmp_path / "killed")
+  process = subprocess.Popen([sys.executable, "-m", "calibjax.main", *args, f"--workdir={resumed}"], cwd=ROOT,
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoints = os.path.join(resumed, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.isdir(checkpoints) and "3" in os.listdir(checkpoints)):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not os.path.exists(os.path.join(resumed, "results.json")), "the run finished before it was killed"
+
+  result = cli(*args, workdir=resumed)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert read_json(os.path.join(resumed, "results.json")) == read_json(os.path.join(reference, "results.json"))
+  assert read_metrics(resumed) == read_metrics(reference)
+
+
+@pytest.mark.slow
+def test_corrupted_checkpoint_is_reported_and_kept(tmp_path):
+  workdir = str(tmp_path / "run")
+  args = ["--config=configs/train.py:smoke", "--config.train.epochs=1"]
+  assert cli(*args, workdir=workdir).returncode == 0
+  results_before = read_json(os.path.join(workdir, "results.json"))
+  step_dir = os.path.join(workdir, "checkpoints", "1")
+  corrupted = []
+  for folder, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, "wb") as f:
+        f.write(b"\x00garbage")
+      corrupted.append(path)
+  result = cli(*args, workdir=workdir)
+  assert_one_line_error(result, "cannot be restored", "untouched")
+  assert all(open(p, "rb").read() == b"\x00garbage" for p in corrupted)
+  assert read_json(os.path.join(workdir, "results.json")) == results_before
+
+
+def test_missing_dataset(tmp_path):
+  result = cli("--config=configs/train.py:smoke", "--config.data.name=fashion_mnist",
+               f"--config.data.data_dir={tmp_path / 'empty'}", workdir=str(tmp_path / "run"))
+  assert_one_line_error(result, "fashion_mnist", str(tmp_path / "empty"))
+  assert not os.path.exists(tmp_path / "run" / "results.json")
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--config=configs/train.py:smoke", "--config.nonexistent=1"], ["unknown config key 'nonexistent'"]),
+    (["--config=configs/train.py:smoke", "--config.train.epochs=abc"], ["--config.train.epochs=abc"]),
+    (["--config=configs/train.py:smokee"], ["unknown preset 'smokee'"]),
+    (["--config=configs/train.py:smoke,model=resnet9000"], ["unknown model 'resnet9000'"]),
+    (["--config=configs/train.py:smoke", "--config.method=distil"], ["unknown method 'distil'"]),
+    (["--config=configs/missing.py"], ["cannot load the config file"]),
+])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, fragments):
+  assert_one_line_error(cli(*args, workdir=str(tmp_path / "run")), *fragments)
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({"method": "train", "seed": 123}))
+  result = cli("--config=configs/train.py:smoke", workdir=str(workdir))
+  assert_one_line_error(result, "different config")
+  assert json.loads((workdir / "config.json").read_text()) == {"method": "train", "seed": 123}
+
+
+@pytest.mark.slow
+def test_calibrate_a_train_checkpoint(tmp_path):
+  source = str(tmp_path / "train")
+  assert cli("--config=configs/train.py:smoke", "--config.train.epochs=1", workdir=source).returncode == 0
+  workdir = str(tmp_path / "calibrate")
+  result = cli("--config=configs/calibrate.py:smoke", f"--config.calibrate.source={source}", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = read_json(os.path.join(workdir, "results.json"))
+  expected = {"uncalibrated", "temperature", "temperature_reference", "mts", "ets", "vector", "matrix",
+              "dirichlet", "histogram", "isotonic"}
+  assert expected <= set(results)
+  train_results = read_json(os.path.join(source, "results.json"))
+  # The same network, data split and fit as the train run's own report.
+  assert results["uncalibrated"] == train_results["raw"]
+  assert results["temperature"]["temperature"] == pytest.approx(train_results["ts"]["temperature"], rel=1e-5)
+  for name in expected - {"histogram", "isotonic"}:  # binning calibrators are not monotone maps
+    assert results[name]["accuracy"] == pytest.approx(results["uncalibrated"]["accuracy"]) or name in (
+        "vector", "matrix", "dirichlet")
+  assert os.path.exists(os.path.join(workdir, "plots", "reliability.png"))
+
+
+def test_calibrate_refuses_a_directory_that_is_no_run(tmp_path):
+  result = cli("--config=configs/calibrate.py:smoke", f"--config.calibrate.source={tmp_path}",
+               workdir=str(tmp_path / "out"))
+  assert_one_line_error(result, "not a calibjax run")
