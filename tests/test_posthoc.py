@@ -18,7 +18,7 @@ from calibjax.calibration.posthoc.binary import fit_beta, fit_platt
 from calibjax.calibration.posthoc.binning import (_pav, apply_histogram_binning, apply_isotonic,
                                                   fit_histogram_binning, fit_isotonic)
 from calibjax.calibration.posthoc.scaling import apply_dirichlet, fit_dirichlet, fit_matrix_scaling
-from calibjax.calibration.posthoc.temperature import _top_label_ece, apply_ets, fit_ets
+from calibjax.calibration.posthoc.temperature import apply_ets, fit_ets
 from calibjax.errors import ConfigError, UnknownNameError
 
 
@@ -365,17 +365,6 @@ def test_mts_raises_t_on_nearly_separable_validation_data():
   with pytest.raises(ConfigError):
     fit_masked_temperature(logits_fn=logits_fn, inputs=x, labels=labels, ratio=0.5, key=jax.random.key(0),
                            mask_target="logits", granularity="pixel")
-
-
-@pytest.mark.parametrize("probs, labels, n_bins, expected", [
-    # anchors.md §5 vector 1b (torchmetrics multiclass docstring) and 2a (robustness_metrics GCE, 30 bins).
-    ([[.25, .20, .55], [.55, .05, .40], [.10, .30, .60], [.90, .05, .05]], [0, 1, 2, 0], 3, 0.2000),
-    ([[.42610548, .41748077, .15641374], [.44766216, .47721294, .0751249], [.1862702, .15139402, .66233578],
-      [.05753544, .8561222, .08634236], [.18697925, .29836466, .51465609]], [0, 1, 2, 1, 2], 30, 0.412713502),
-])
-def test_selection_ece_matches_published_vectors(probs, labels, n_bins, expected):
-  ece = _top_label_ece(jnp.asarray(probs), jnp.asarray(labels), n_bins)
-  np.testing.assert_allclose(float(ece), expected, atol=1e-6)
 
 
 def test_select_mts_ratio_uses_only_the_given_data():

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from calibjax.calibration import metrics
 from calibjax.distill.masks import mask_inputs
 from calibjax.errors import ConfigError
 
@@ -323,16 +324,6 @@ def fit_masked_temperature(*, logits_fn: Callable[[jax.Array], jax.Array], input
   return fit_temperature(logits=logits, labels=labels, method=method, **fit_options)
 
 
-def _top_label_ece(probs: jax.Array, labels: jax.Array, n_bins: int) -> jax.Array:
-  """Top-label ECE, `n_bins` equal-width bins (lo, hi], the first [0, hi]; confidence 1.0 -> last bin."""
-  conf = jnp.max(probs, axis=-1)
-  pred = jnp.argmax(probs, axis=-1)
-  correct = (pred == labels) if labels.ndim == 1 else jnp.take_along_axis(labels, pred[:, None], 1)[:, 0]
-  idx = jnp.clip(jnp.ceil(conf * n_bins).astype(jnp.int32) - 1, 0, n_bins - 1)
-  gap = jax.ops.segment_sum(conf - correct, idx, num_segments=n_bins)
-  return jnp.sum(jnp.abs(gap)) / conf.shape[0]
-
-
 def select_mts_ratio(*, logits_fn: Callable[[jax.Array], jax.Array], fit_inputs: jax.Array,
                      fit_labels: jax.Array, select_inputs: jax.Array, select_labels: jax.Array,
                      key: jax.Array,
@@ -376,8 +367,10 @@ def select_mts_ratio(*, logits_fn: Callable[[jax.Array], jax.Array], fit_inputs:
     t = fit_masked_temperature(logits_fn=logits_fn, inputs=fit_inputs, labels=fit_labels, ratio=ratio,
                                key=key, **{**mts_options, "return_info": False})
     calibrated = apply_temperature(select_logits, t)
-    score = (_top_label_ece(jax.nn.softmax(calibrated, axis=-1), select_labels, n_bins) if criterion == "ece"
-             else _mean_nll(calibrated, select_labels))
+    if criterion == "ece":
+      score = metrics.ece(probs=jax.nn.softmax(calibrated, axis=-1), labels=select_labels, n_bins=n_bins)
+    else:
+      score = _mean_nll(calibrated, select_labels)
     table.append({"ratio": float(ratio), "temperature": float(t), criterion: float(score)})
   best = int(np.argmin([row[criterion] for row in table]))
   return {"ratio": table[best]["ratio"], "temperature": jnp.asarray(table[best]["temperature"]),
