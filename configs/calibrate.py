@@ -5,7 +5,10 @@
 
 `calibrate.source` is the workdir of a finished `train` run. `calibrate.calibrators` is a '+'-separated list of
 names from `calibjax.calibration.posthoc.CALIBRATORS` plus "mts" (binary-only calibrators, platt and beta, need
-a 2-class network). Presets: smoke (only two MTS ratios, for tests), seed.
+a 2-class network). OOD separation is measured against Gaussian-noise corrupted copies of the test split
+(`calibrate.ood_noise_sigmas`, in normalised units) and, if `calibrate.ood_dataset` names one (e.g. mnist or
+digits for a Fashion-MNIST network), another dataset's test split. Presets: smoke (only two MTS ratios, for
+tests), seed.
 """
 
 import ml_collections
@@ -23,6 +26,8 @@ def get_config(arg=None):
   c.calibrate = ml_collections.ConfigDict()
   c.calibrate.source = ""
   c.calibrate.calibrators = DEFAULT_CALIBRATORS
+  c.calibrate.ood_noise_sigmas = (0.5, 1.0)
+  c.calibrate.ood_dataset = ""
   if preset.smoke:
     c.calibration.mts_ratios = (0.1, 0.5)
     c.eval_batch_size = 256

@@ -146,7 +146,12 @@ def test_calibrate_a_train_checkpoint(tmp_path):
   for name in expected - {"histogram", "isotonic"}:  # binning calibrators are not monotone maps
     assert results[name]["accuracy"] == pytest.approx(results["uncalibrated"]["accuracy"]) or name in (
         "vector", "matrix", "dirichlet")
-  assert os.path.exists(os.path.join(workdir, "plots", "reliability.png"))
+  for name in ("reliability.png", "max_logit.png"):
+    assert os.path.exists(os.path.join(workdir, "plots", name))
+  assert set(results["ood"]) == {"gaussian_noise_0.5", "gaussian_noise_1"}
+  for scores in results["ood"].values():
+    assert {"max_logit", "msp_raw", "msp_ts", "msp_mts", "energy_raw"} <= set(scores)
+    assert all(0.0 <= v["auroc"] <= 1.0 and 0.0 <= v["fpr95"] <= 1.0 for v in scores.values())
 
 
 def test_calibrate_refuses_a_directory_that_is_no_run(tmp_path):
