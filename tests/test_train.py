@@ -33,6 +33,8 @@ def test_half_schedule_is_the_dd_protocol():
   lr = schedules.make_schedule("half", base_lr=0.01, epochs=10, steps_per_epoch=3)
   assert float(lr(0)) == pytest.approx(0.01) and float(lr(14)) == pytest.approx(0.01)
   assert float(lr(15)) == pytest.approx(0.001) and float(lr(29)) == pytest.approx(0.001)
+  one_epoch = schedules.make_schedule("half", base_lr=0.01, epochs=1, steps_per_epoch=3)
+  assert float(one_epoch(2)) == pytest.approx(0.01)
 
 
 def test_multistep_and_cosine_schedules():

@@ -11,7 +11,7 @@ def make_schedule(name: str, *, base_lr: float, epochs: int, steps_per_epoch: in
 
   Args:
     name: "constant"; "half" (×factor once after epochs // 2 epochs: the dataset-distillation evaluation
-      protocol's single decay); "multistep" (×factor after each epoch in `milestones`, e.g. RepDistiller's
+      protocol's single decay; a 1-epoch run has none); "multistep" (×factor after each epoch in `milestones`, e.g. RepDistiller's
       150/180/210); "cosine" (cosine annealing to 0 over all epochs, optional linear warm-up).
     base_lr: initial learning rate.
     epochs: total epochs of the run.
@@ -23,7 +23,9 @@ def make_schedule(name: str, *, base_lr: float, epochs: int, steps_per_epoch: in
   if name == "constant":
     return optax.constant_schedule(base_lr)
   if name in ("half", "multistep"):
-    milestones = (epochs // 2,) if name == "half" else tuple(milestones)
+    if name == "half":
+      milestones = (epochs // 2,) if epochs >= 2 else ()
+    milestones = tuple(milestones)
     if any(not 0 < m < epochs for m in milestones):
       raise ConfigError(f"lr milestones {milestones} must lie strictly between 0 and epochs={epochs}")
     return optax.piecewise_constant_schedule(
