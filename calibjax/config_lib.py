@@ -106,3 +106,16 @@ def loss_config(name: str) -> ml_collections.ConfigDict:
   c.name = name
   c.hparams = ml_collections.ConfigDict(dict(LOSSES.get(name).defaults))
   return c
+
+
+def smoke_training(c: ml_collections.ConfigDict, *, dataset: str = "digits") -> None:
+  """Shrinks a training config to a seconds-long run for tests (a tiny ConvNet on scikit-learn's digits)."""
+  c.data.name = dataset
+  c.data.val_per_class = 20
+  c.data.train_per_class = 0
+  c.model.width = 16
+  c.model.depth = 2
+  c.train.epochs = 2
+  c.train.batch_size = 64
+  c.eval_batch_size = 256
+  c.calibration.mts_ratios = (0.1, 0.5)

@@ -23,13 +23,5 @@ def get_config(arg=None):
   c.train = config_lib.train_config(epochs=6, batch_size=256)
   c.loss = config_lib.loss_config("ce")
   if preset.smoke:
-    c.data.name = "digits"
-    c.data.train_per_class = 0
-    c.data.val_per_class = 20
-    c.model.width = 16
-    c.model.depth = 2
-    c.train.epochs = 2
-    c.train.batch_size = 64
-    c.eval_batch_size = 256
-    c.calibration.mts_ratios = (0.1, 0.5)
+    config_lib.smoke_training(c)
   return c

@@ -29,13 +29,5 @@ def get_config(arg=None):
   c.augment.dsa = preset.dsa
 
   if preset.smoke:
-    c.data.name = "digits" if preset.dataset == "fashion_mnist" else preset.dataset
-    c.data.val_per_class = 20
-    c.data.train_per_class = 0
-    c.model.width = 16
-    c.model.depth = 2
-    c.train.epochs = 2
-    c.train.batch_size = 64
-    c.eval_batch_size = 256
-    c.calibration.mts_ratios = (0.1, 0.5)
+    config_lib.smoke_training(c, dataset="digits" if preset.dataset == "fashion_mnist" else preset.dataset)
   return c
