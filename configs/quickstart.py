@@ -3,8 +3,8 @@
   python -m calibjax.main --config configs/quickstart.py --workdir runs/quickstart
 
 CPU budget (finishes in under 5 minutes on 2 CPU cores): ConvNet-3 (width 128, instance norm, PyTorch init) on a
-class-balanced 600 images per class of the Fashion-MNIST training split, 6 epochs, SGD (momentum 0.9,
-weight decay 5e-4, lr 0.01, ×0.1 after epoch 3), batch 256. 300 training images per class are held out for
+class-balanced 500 images per class of the Fashion-MNIST training split, 5 epochs, SGD (momentum 0.9,
+weight decay 5e-4, lr 0.01, ×0.1 after epoch 2), batch 256. 300 training images per class are held out for
 fitting TS and MTS (MTS ratio chosen on half of them); everything is scored on the 10,000 test images.
 `:smoke` is a seconds-long run on scikit-learn's digits for tests.
 """
@@ -18,9 +18,9 @@ def get_config(arg=None):
   c.method = "train"
   c.seed = preset.seed
   c.data.name = "fashion_mnist"
-  c.data.train_per_class = 600
+  c.data.train_per_class = 500
   c.data.val_per_class = 300
-  c.train = config_lib.train_config(epochs=6, batch_size=256)
+  c.train = config_lib.train_config(epochs=5, batch_size=256)
   c.loss = config_lib.loss_config("ce")
   if preset.smoke:
     config_lib.smoke_training(c)
