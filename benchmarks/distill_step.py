@@ -51,10 +51,12 @@ def time_iteration(config: gm.GMConfig, *, width: int, repeats: int) -> dict:
   images_np, labels, num_classes = load_fashion_mnist()
   pool = jax.device_put(matching.make_real_pool(images_np, labels, num_classes=num_classes,
                                                 batch_real=config.batch_real))
-  net = models.build("convnet", num_classes=num_classes, input_shape=images_np.shape[1:], width=width, depth=3)
+  net = models.build("convnet", num_classes=num_classes, input_shape=images_np.shape[1:], width=width,
+                     depth=3)
   make = gm.make_gm_iteration if config.class_map == "vmap" else gm.per_class_loop_reference
   iteration = make(net, config)
-  images = init_synthetic(jax.random.key(0), images_np, labels, ipc=config.ipc, num_classes=num_classes).images
+  synset = init_synthetic(jax.random.key(0), images_np, labels, ipc=config.ipc, num_classes=num_classes)
+  images = synset.images
   opt_state = matching.image_optimizer(config).init(images)
   times = []
   for i in range(repeats + 1):
@@ -73,7 +75,7 @@ def time_iteration(config: gm.GMConfig, *, width: int, repeats: int) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
-                      help="smoke run: IPC 1, width 16, batch_real 16, 1 timed iteration, no DSA per-class loop")
+                      help="smoke run: IPC 1, width 16, batch_real 16, 1 timed iteration, no DSA class loop")
   parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
   parser.add_argument("--methods", nargs="+", default=["dc", "dsa"], choices=gm.METHODS)
   parser.add_argument("--class-maps", nargs="+", default=["vmap", "loop"], choices=matching.CLASS_MAPS)
@@ -89,8 +91,9 @@ def main():
   width, batch_real, ipcs, repeats = 128, 256, args.ipcs, args.repeats
   if args.quick:
     width, batch_real, ipcs, repeats = 16, 16, [1], 1
-  print(f"jax {jax.__version__}, backend {jax.default_backend()} ({platform.machine()}), {os.cpu_count()} CPUs; "
-        f"ConvNet-3 width {width}, batch_real {batch_real}; median of {repeats} iteration(s) after the first")
+  print(f"jax {jax.__version__}, backend {jax.default_backend()} ({platform.machine()}), "
+        f"{os.cpu_count()} CPUs; ConvNet-3 width {width}, batch_real {batch_real}; "
+        f"median of {repeats} iteration(s) after the first")
   print(f"load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
   rows = []
   for method in args.methods:

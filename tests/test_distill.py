@@ -253,8 +253,8 @@ def test_per_class_loop_reference_iteration_matches_vmap():
   results = []
   for make in (gm.make_gm_iteration, gm.per_class_loop_reference):
     x = jnp.array(SYN)
-    images, _, metrics = _iteration_cache(make, DC)(x, matching.image_optimizer(DC).init(x), jax.random.key(9),
-                                                   POOL)
+    iteration = _iteration_cache(make, DC)
+    images, _, metrics = iteration(x, matching.image_optimizer(DC).init(x), jax.random.key(9), POOL)
     results.append((np.asarray(images), float(metrics["loss"])))
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
@@ -320,7 +320,8 @@ def test_real_pool_sampling_is_per_class_and_without_replacement():
 
 def test_init_synthetic_real_and_noise():
   real = init_synthetic(jax.random.key(0), IMAGES, LABELS, ipc=IPC, num_classes=C, init="real")
-  assert real.images.shape == (C * IPC, H, H, 1) and real.labels.tolist() == np.repeat(np.arange(C), IPC).tolist()
+  assert real.images.shape == (C * IPC, H, H, 1)
+  assert real.labels.tolist() == np.repeat(np.arange(C), IPC).tolist()
   for i, label in enumerate(np.asarray(real.labels)):
     matches = np.all(IMAGES == np.asarray(real.images[i]), axis=(1, 2, 3))
     assert matches.any() and LABELS[matches][0] == label

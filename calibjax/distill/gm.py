@@ -31,9 +31,9 @@ Two drivers run the same steps with the same keys (`loop_driver`):
 Inner training is NOT masked by default (the paper masks the synthetic data inside the criterion C, Eq. 6; the
 network update of Algorithm 1 line 8 uses no mask); `mdt_inner=True` masks it too, with the step's ratio.
 
-Keys: `k_net, k_steps = split(key)`; outer step t uses `split(fold_in(k_steps, t), 4)` as (real batch, matching,
-MDT ratio, inner training). The reference seeds DSA from the wall clock, so no run is reproducible there; here a
-key reproduces an iteration exactly on one backend.
+Keys: `k_net, k_steps = split(key)`; outer step t uses `split(fold_in(k_steps, t), 4)` as (real batch,
+matching, MDT ratio, inner training). The reference seeds DSA from the wall clock, so no run is reproducible
+there; here a key reproduces an iteration exactly on one backend and driver.
 
 Memory: the real batch of a step is C x 256 images; with vmap the whole (C*256)-image forward/backward is one
 batched computation (Fashion-MNIST, width 128: 134 MB per first-layer activation and class, 1.3 GB for 10
@@ -267,8 +267,10 @@ def make_gm_iteration(net: Network, config: GMConfig) -> Callable[..., tuple[jax
 
       def outer_step(carry, t):
         images, opt_state, params = carry
-        images, opt_state, loss, ratio, train_key = match_update(images, opt_state, params, real, steps_key, t)
-        params = jax.lax.cond(t < outer - 1, lambda p: train(p, images, train_key, ratio), lambda p: p, params)
+        images, opt_state, loss, ratio, train_key = match_update(
+            images, opt_state, params, real, steps_key, t)
+        params = jax.lax.cond(t < outer - 1, lambda p: train(p, images, train_key, ratio), lambda p: p,
+                              params)
         return (images, opt_state, params), (loss, ratio)
 
       (images, opt_state, _), (losses, ratios) = jax.lax.scan(

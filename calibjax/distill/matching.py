@@ -14,7 +14,8 @@ Randomness of one matching step comes from one key, split as `aug_key, mask_key 
   `jax.random.split(aug_key, C)[c]`, which is the reference's distribution but makes the family index a
   batched value under `vmap`, so `lax.switch` runs every family of the strategy and selects (see
   `calibjax.data.augment.dsa`); the shared key avoids that cost.
-- MDT mask: class c uses `jax.random.split(mask_key, C)[c]` (independent masks per class) and the step's ratio.
+- MDT mask: class c uses `jax.random.split(mask_key, C)[c]` (independent masks per class) and the step's
+  ratio.
 
 MDT (Masked Distillation Training; paper 000 Sec. 4.2, Eq. 6): a Bernoulli input mask
 (`calibjax.distill.masks.mask_inputs`) on the SYNTHETIC images right before they enter the network inside the

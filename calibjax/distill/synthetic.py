@@ -1,11 +1,12 @@
 """The synthetic (distilled) set as one pytree, its initialisation and its `.npz` export.
 
-`SyntheticSet` is a NamedTuple, hence a pytree: optax optimises it (or one of its fields), orbax checkpoints it
-and `jax.tree.map` walks it like any parameter tree. Images live in the network's input space (after mean/std
-normalisation or ZCA whitening); the transforms that map them back to pixels travel with the export.
+`SyntheticSet` is a NamedTuple, hence a pytree: optax optimises it (or one of its fields), orbax checkpoints
+it and `jax.tree.map` walks it like any parameter tree. Images live in the network's input space (after
+mean/std normalisation or ZCA whitening); the transforms that map them back to pixels travel with the export.
 
-Ordering convention: **class-major**. Rows [c * ipc, (c + 1) * ipc) of `images` and `labels` belong to class c,
-so `images.reshape(num_classes, ipc, H, W, C)` gives the per-class view the matching methods vmap over.
+Ordering convention: **class-major**. Rows [c * ipc, (c + 1) * ipc) of `images` and `labels` belong to
+class c, so `images.reshape(num_classes, ipc, H, W, C)` gives the per-class view the matching methods vmap
+over.
 """
 
 import json
