@@ -18,6 +18,9 @@ from calibjax.errors import CalibjaxError, UnknownNameError
 METHODS = {
     "train": "calibjax.train.run:run",
     "calibrate": "calibjax.calibration.calibrate:run",
+    "distill": "calibjax.distill.run:run",
+    "evaluate": "calibjax.distill.evaluate:run",
+    "buffer": "calibjax.distill.buffer:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:smoke.",

@@ -12,11 +12,15 @@ from typing import Any, Callable
 from flax import nnx
 import jax
 
+from calibjax.models import mobilenetv2, resnet, resnet_cifar, shufflenet, vgg, wrn
 from calibjax.models.convnet import ConvNet
 from calibjax.registry import Registry
 
 MODELS: Registry[Callable[..., nnx.Module]] = Registry("model")
 MODELS.register("convnet")(ConvNet)
+for _zoo in (resnet_cifar, resnet, wrn, vgg, mobilenetv2, shufflenet):
+  for _name, _factory in _zoo.VARIANTS.items():
+    MODELS.register(_name)(_factory)
 
 Params = Any  # nnx.State of nnx.Param leaves
 ModelState = Any  # nnx.State of everything else (batch-norm statistics); empty for most DD models

@@ -1,0 +1,98 @@
+"""Distillation methods behind one interface, so the `distill` method runs, checkpoints and resumes any of them.
+
+A method is registered as a builder `build(net, cfg, splits) -> Distiller`:
+
+- `net`: the network the set is distilled with (`calibjax.models.Network`);
+- `cfg`: the run's `config.distill` block (method, ipc, iteration budget, the method's hyperparameters);
+- `splits`: the prepared data (`calibjax.data.prepare.Splits`; images already normalised / whitened).
+
+A `Distiller` is three functions over one checkpointable `carry` pytree (arrays only; it holds the synthetic
+set and every optimiser state, so saving the carry saves the whole run):
+
+- `init(key) -> carry`: the initial synthetic set and optimiser states;
+- `step(carry, key) -> (carry, metrics)`: ONE distillation iteration (the references' outer loop body), metrics
+  a dict of scalars (and small arrays) for the log;
+- `synset(carry) -> SyntheticSet`: the current synthetic set (what `evaluate` trains on).
+
+The driver derives iteration i's key as `fold_in(root, i)`, so a resumed run repeats exactly the iterations an
+uninterrupted run would.
+"""
+
+import importlib
+from typing import Any, Callable, NamedTuple
+
+import jax
+import ml_collections
+
+from calibjax.data.prepare import Splits
+from calibjax.distill import dm, gm, matching
+from calibjax.distill.synthetic import SyntheticSet, init_synthetic
+from calibjax.models import Network
+from calibjax.registry import Registry
+
+
+class Distiller(NamedTuple):
+  """One distillation method as pure functions over a checkpointable carry (see the module docstring)."""
+
+  init: Callable[[jax.Array], Any]
+  step: Callable[[Any, jax.Array], tuple[Any, dict]]
+  synset: Callable[[Any], SyntheticSet]
+
+
+DISTILLERS: Registry[Callable[[Network, ml_collections.ConfigDict, Splits], Distiller]] = Registry(
+    "distillation method")
+
+
+def matching_options(cfg: ml_collections.ConfigDict) -> dict:
+  """The `matching.MatchingConfig` fields shared by DC, DSA and DM, from a `config.distill` block."""
+  return dict(ipc=cfg.ipc, lr_img=cfg.lr_img, momentum=cfg.momentum, batch_real=cfg.batch_real,
+              dsa_strategy=cfg.dsa_strategy, dsa_params=matching.DSAParams(align_corners=cfg.dsa_align_corners),
+              dsa_per_class_keys=cfg.dsa_per_class_keys, mdt=cfg.mdt, mdt_ratio=cfg.mdt_ratio,
+              mdt_granularity=cfg.mdt_granularity, class_map=cfg.class_map,
+              class_chunk=cfg.class_chunk or None)
+
+
+def _image_distiller(iteration_fn: Callable, config: matching.MatchingConfig, cfg: ml_collections.ConfigDict,
+                     splits: Splits) -> Distiller:
+  """A Distiller for methods that learn the images only (DC, DSA, DM): carry = {"synset", "opt_state"}."""
+  pool = jax.device_put(matching.make_real_pool(splits.train_images, splits.train_labels,
+                                                num_classes=splits.num_classes, batch_real=config.batch_real))
+  tx = matching.image_optimizer(config)
+
+  def init(key):
+    synset = init_synthetic(key, splits.train_images, splits.train_labels, ipc=cfg.ipc,
+                            num_classes=splits.num_classes, init=cfg.init)
+    return {"synset": synset, "opt_state": tx.init(synset.images)}
+
+  def step(carry, key):
+    images, opt_state, metrics = iteration_fn(carry["synset"].images, carry["opt_state"], key, pool)
+    return {"synset": carry["synset"]._replace(images=images), "opt_state": opt_state}, metrics
+
+  return Distiller(init=init, step=step, synset=lambda carry: carry["synset"])
+
+
+def _gradient_matching(method: str) -> Callable[[Network, ml_collections.ConfigDict, Splits], Distiller]:
+  def build(net: Network, cfg: ml_collections.ConfigDict, splits: Splits) -> Distiller:
+    config = gm.GMConfig(method=method, lr_net=cfg.lr_net, batch_train=cfg.batch_train,
+                         outer_loop=cfg.outer_loop or None, inner_loop=cfg.inner_loop or None,
+                         metric=cfg.metric, mdt_inner=cfg.mdt_inner, loop_driver=cfg.loop_driver,
+                         **matching_options(cfg))
+    return _image_distiller(gm.make_gm_iteration(net, config), config, cfg, splits)
+
+  return build
+
+
+DISTILLERS.register("dc")(_gradient_matching("dc"))
+DISTILLERS.register("dsa")(_gradient_matching("dsa"))
+
+
+@DISTILLERS.register("dm")
+def _distribution_matching(net: Network, cfg: ml_collections.ConfigDict, splits: Splits) -> Distiller:
+  config = dm.DMConfig(**matching_options(cfg))
+  return _image_distiller(dm.make_dm_iteration(net, config), config, cfg, splits)
+
+
+@DISTILLERS.register("mtt")
+def _trajectory_matching(net: Network, cfg: ml_collections.ConfigDict, splits: Splits) -> Distiller:
+  # Imported on use: trajectory matching needs an expert buffer and its own modules.
+  return importlib.import_module("calibjax.distill.mtt").build_distiller(net, cfg, splits)

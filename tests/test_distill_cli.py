@@ -1,0 +1,154 @@
+"""The `distill` and `evaluate` methods end to end (subprocess CLI runs on scikit-learn's digits), resume after
+SIGKILL, herding by hand, and the K-network vmapped training against one network trained alone."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from calibjax import config_lib, models
+from calibjax.distill import evaluate
+from calibjax.distill.synthetic import load_npz
+from test_cli import ENV, ROOT, assert_one_line_error, cli, read_json, read_metrics
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+  """A finished smoke DSA + dynamic-MDT distillation, shared by the evaluate tests."""
+  workdir = str(tmp_path_factory.mktemp("distill") / "dsa")
+  result = cli("--config=configs/distill.py:method=dsa,ipc=2,mdt=dynamic,smoke", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.slow
+def test_distill_smoke_writes_the_set_and_its_config(distilled):
+  for name in ("config.json", "metrics.jsonl", "results.json", "synthetic.npz", "plots/synthetic.png"):
+    assert os.path.exists(os.path.join(distilled, name)), name
+  synset, config_json, transforms = load_npz(os.path.join(distilled, "synthetic.npz"))
+  assert synset.images.shape == (10 * 2, 8, 8, 1) and np.all(np.isfinite(synset.images))
+  np.testing.assert_array_equal(synset.labels, np.repeat(np.arange(10), 2))
+  assert '"mdt": "dynamic"' in config_json and "normalize" in transforms
+  records = read_metrics(distilled)
+  assert [r["iteration"] for r in records] == [1, 2, 3]
+  assert all(0.0 <= r["mdt_ratio"] <= 0.1 for r in records) and len({r["mdt_ratio"] for r in records}) > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dc", "dm"])
+def test_distill_smoke_other_methods(tmp_path, method):
+  workdir = str(tmp_path / method)
+  result = cli(f"--config=configs/distill.py:method={method},ipc=1,mdt=fixed,smoke", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert read_json(os.path.join(workdir, "results.json"))["method"] == method
+  assert all(r["mdt_ratio"] == pytest.approx(0.1) for r in read_metrics(workdir))
+
+
+@pytest.mark.slow
+def test_killed_distillation_resumes_to_the_same_set(tmp_path):
+  args = ["--config=configs/distill.py:method=dc,ipc=1,smoke,iterations=12"]
+  reference = str(tmp_path / "uninterrupted")
+  assert cli(*args, workdir=reference).returncode == 0
+
+  resumed = str(tmp_path / "killed")
+  process = subprocess.Popen([sys.executable, "-m", "calibjax.main", *args, f"--workdir={resumed}"], cwd=ROOT,
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoints = os.path.join(resumed, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.isdir(checkpoints) and "4" in os.listdir(checkpoints)):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not os.path.exists(os.path.join(resumed, "synthetic.npz")), "the run finished before it was killed"
+
+  result = cli(*args, workdir=resumed)
+  assert result.returncode == 0, result.stderr[-3000:]
+  expected, _, _ = load_npz(os.path.join(reference, "synthetic.npz"))
+  got, _, _ = load_npz(os.path.join(resumed, "synthetic.npz"))
+  np.testing.assert_array_equal(got.images, expected.images)
+  strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+  assert strip(read_metrics(resumed)) == strip(read_metrics(reference))
+
+
+@pytest.mark.slow
+def test_evaluate_a_distilled_set(distilled, tmp_path):
+  workdir = str(tmp_path / "eval")
+  result = cli("--config=configs/evaluate.py:smoke", f"--config.evaluate.source={distilled}", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = read_json(os.path.join(workdir, "results.json"))
+  assert results["training_set"]["method"] == "dsa" and results["training_set"]["mdt"] == "dynamic"
+  assert len(results["per_network"]) == 2 and results["budget"]["epochs"] == 5
+  # The two networks start from different seeds, so they differ.
+  nets = results["per_network"]
+  assert nets[0]["raw"]["nll"] != nets[1]["raw"]["nll"]
+  summary = results["summary"]
+  for stage in ("raw", "ts", "mts"):
+    values = [n[stage]["ece_10"] for n in nets]
+    assert summary[stage]["ece_10"]["mean"] == pytest.approx(np.mean(values))
+    assert summary[stage]["ece_10"]["std"] == pytest.approx(np.std(values))
+    assert summary[stage]["accuracy"]["mean"] == summary["raw"]["accuracy"]["mean"]
+  for stage in ("ts", "mts"):
+    expected = np.mean([n[stage]["over_calibrated"] for n in nets])
+    assert summary[stage]["over_calibrated_fraction"] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["baseline=random", "baseline=random,loss=focal,mixing=mixup,dsa=False"])
+def test_evaluate_baselines_and_train_time_calibration(tmp_path, preset):
+  workdir = str(tmp_path / "eval")
+  result = cli(f"--config=configs/evaluate.py:smoke,{preset}", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = read_json(os.path.join(workdir, "results.json"))
+  assert results["training_set"]["method"] == "random" and results["budget"]["train_examples"] == 20
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--config=configs/evaluate.py:smoke"], ["exactly one of evaluate.source"]),
+    (["--config=configs/evaluate.py:smoke", "--config.evaluate.source=/nonexistent"], ["no synthetic set"]),
+    (["--config=configs/evaluate.py:smoke,baseline=herding"], ["herding needs evaluate.herding_model"]),
+    (["--config=configs/distill.py:method=kip"], ["unknown distillation method 'kip'"]),
+    (["--config=configs/distill.py:method=dc,ipc=7,budget=cpu"], ["no CPU budget"]),
+])
+def test_bad_distill_and_evaluate_input(tmp_path, args, fragments):
+  assert_one_line_error(cli(*args, workdir=str(tmp_path / "run")), *fragments)
+
+
+def test_herding_picks_the_running_mean_closest_to_the_class_mean():
+  # Class 0 features 0, 10, 4, 6 (mean 5): first 4 (|4 - 5| = 1, ties go to the lower index), then 6 ((4 + 6) / 2
+  # = 5). Class 1 features 1, 2, 3: first 2, then 1 and 3 tie at distance 0.5 and the lower index wins.
+  features = np.array([[0.0], [10.0], [1.0], [4.0], [2.0], [6.0], [3.0]])
+  labels = np.array([0, 0, 1, 0, 1, 0, 1])
+  picks = evaluate.herding_indices(features, labels, per_class=2, num_classes=2)
+  np.testing.assert_array_equal(picks, [3, 5, 4, 2])
+
+
+def test_vmapped_networks_train_as_if_alone():
+  """Network k of a K-network evaluation equals the same network trained in a 1-network evaluation."""
+  config = config_lib.base_config()
+  config.evaluate = ml_collections.ConfigDict(dict(epochs=4, momentum=0.9, weight_decay=5e-4))
+  config.loss = config_lib.loss_config("ce")
+  config.augment.dsa = True
+  config.augment.dsa_strategy = "crop_flip"
+  net = models.build("convnet", num_classes=3, input_shape=(8, 8, 1), width=8, depth=1)
+  images = jax.random.normal(jax.random.key(1), (6, 8, 8, 1))
+  labels = np.array([0, 0, 1, 1, 2, 2])
+  init_keys, step_keys, perm_keys = (jax.random.split(jax.random.key(i), 2) for i in range(3))
+
+  def train(sel):
+    init, step = evaluate.make_multi_step(net, config, lr=0.05, steps_per_epoch=2, num_classes=3)
+    states = init(init_keys[sel])
+    for epoch in range(5):
+      for idx in evaluate.epoch_batches(perm_keys[sel], epoch, 6, 4):
+        states, _ = step(states, step_keys[sel], idx, images, labels)
+    return states
+
+  both, second = train(np.array([0, 1])), train(np.array([1]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b[0], rtol=1e-5, atol=1e-6), both["params"],
+               second["params"])
+  assert not np.allclose(jax.tree.leaves(both["params"])[0][0], jax.tree.leaves(both["params"])[0][1])
