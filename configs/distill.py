@@ -4,6 +4,11 @@
   python -m calibjax.main --config configs/distill.py:method=dsa,ipc=10,mdt=fixed,budget=cpu --workdir runs/x
 
 Then train and score networks on the set with `configs/evaluate.py` (`--config.evaluate.source=<workdir>`).
+MTT needs an expert buffer (`configs/buffer.py`) with the same data and model settings:
+
+  python -m calibjax.main --config configs/buffer.py:dataset=fashion_mnist --workdir runs/buffer_fmnist
+  python -m calibjax.main --config configs/distill.py:method=mtt,ipc=10 \
+      --config.distill.mtt.buffer_dir=runs/buffer_fmnist --workdir runs/mtt10
 
 Presets (`:key=value,...`): method (dc, dsa, dm, mtt), dataset, ipc, mdt (off, fixed, dynamic), mdt_ratio (r, or
 r_max of the dynamic mode; 0.1 as the paper), budget (paper, cpu), iterations (0 = the budget's), init (default:
@@ -117,4 +122,6 @@ def get_config(arg=None):
     d.log_every = 1
     d.checkpoint_every = 2
     d.dsa_strategy = "none" if preset.method == "dc" else "color_crop_cutout_scale_rotate"
+    if preset.method == "mtt":  # fits the 3 snapshots per expert of configs/buffer.py:smoke
+      d.mtt.update(dict(syn_steps=2, expert_epochs=1, max_start_epoch=1))
   return c

@@ -152,3 +152,19 @@ def test_vmapped_networks_train_as_if_alone():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b[0], rtol=1e-5, atol=1e-6), both["params"],
                second["params"])
   assert not np.allclose(jax.tree.leaves(both["params"])[0][0], jax.tree.leaves(both["params"])[0][1])
+
+
+@pytest.mark.slow
+def test_buffer_then_mtt_then_evaluate_with_the_learned_lr(tmp_path):
+  buffer_dir, distill_dir = str(tmp_path / "buffer"), str(tmp_path / "mtt")
+  result = cli("--config=configs/buffer.py:smoke", workdir=buffer_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = cli("--config=configs/distill.py:method=mtt,ipc=1,mdt=fixed,smoke",
+               f"--config.distill.mtt.buffer_dir={buffer_dir}", workdir=distill_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  learned = read_json(os.path.join(distill_dir, "results.json"))["learned_lr"]
+  assert learned > 0 and learned != pytest.approx(0.01, rel=1e-9)
+  result = cli("--config=configs/evaluate.py:smoke,learned_lr=True", f"--config.evaluate.source={distill_dir}",
+               workdir=str(tmp_path / "eval"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert read_json(os.path.join(tmp_path, "eval", "results.json"))["budget"]["lr"] == pytest.approx(learned)
