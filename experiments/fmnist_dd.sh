@@ -4,35 +4,51 @@
 #   bash experiments/fmnist_dd.sh            # runs what is missing (every run resumes), then writes the table
 # Runs go to runs/fmnist_dd/; the table to experiments/results/fmnist_dd.md; the distilled sets are copied to
 # experiments/results/fmnist_dd/<name>.npz. Herding embeds with runs/quickstart (`make quickstart`).
+# Order: IPC 1 (baselines, DSA and DC with and without MDT, dynamic MDT, train-time calibration), then IPC 10.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RUNS=runs/fmnist_dd
 OUT=experiments/results/fmnist_dd
 mkdir -p "$RUNS" "$OUT"
-main() { "$PY" -m calibjax.main "$@"; }
+# Runs `python -m calibjax.main ... --workdir $1` unless that workdir already has its results.json (a finished
+# run would otherwise repeat its final calibration stage); an unfinished one resumes from its checkpoint.
+main() {
+  local workdir=$1; shift
+  [ -f "$workdir/results.json" ] || "$PY" -m calibjax.main "$@" --workdir "$workdir"
+}
+table() { "$PY" experiments/make_table.py "$RUNS" > experiments/results/fmnist_dd.md; }
+
+baseline() {  # kind (random | herding), ipc
+  local extra=()
+  [ "$1" = herding ] && extra=(--config.evaluate.herding_model=runs/quickstart)
+  main "$RUNS/${1}_ipc${2}_eval" --config "configs/evaluate.py:budget=cpu,baseline=$1,ipc=$2" "${extra[@]}"
+}
 
 distill_and_evaluate() {  # name, distill presets
   local name=$1 presets=$2
-  main --config "configs/distill.py:$presets,budget=cpu" --workdir "$RUNS/$name"
+  main "$RUNS/$name" --config "configs/distill.py:$presets,budget=cpu"
   cp "$RUNS/$name/synthetic.npz" "$OUT/$name.npz"
-  main --config configs/evaluate.py:budget=cpu --config.evaluate.source="$RUNS/$name" --workdir "$RUNS/${name}_eval"
+  main "$RUNS/${name}_eval" --config configs/evaluate.py:budget=cpu --config.evaluate.source="$RUNS/$name"
+  table
 }
 
-for ipc in ${IPCS:-1 10}; do
-  main --config "configs/evaluate.py:budget=cpu,baseline=random,ipc=$ipc" --workdir "$RUNS/random_ipc${ipc}_eval"
-  [ -d runs/quickstart ] && main --config "configs/evaluate.py:budget=cpu,baseline=herding,ipc=$ipc" \
-      --config.evaluate.herding_model=runs/quickstart --workdir "$RUNS/herding_ipc${ipc}_eval"
-  distill_and_evaluate "dsa_ipc${ipc}" "method=dsa,ipc=$ipc"
-  distill_and_evaluate "dsa_mdt_ipc${ipc}" "method=dsa,ipc=$ipc,mdt=fixed"
-  if [ "$ipc" = 1 ]; then
-    distill_and_evaluate "dsa_mdtdyn_ipc${ipc}" "method=dsa,ipc=$ipc,mdt=dynamic"
-    distill_and_evaluate "dc_ipc${ipc}" "method=dc,ipc=$ipc"
-    distill_and_evaluate "dc_mdt_ipc${ipc}" "method=dc,ipc=$ipc,mdt=fixed"
-    for baseline in loss=label_smoothing loss=focal mixing=mixup; do  # the paper's train-time calibration
-      main --config "configs/evaluate.py:budget=cpu,$baseline" --config.evaluate.source="$RUNS/dsa_ipc${ipc}" \
-          --workdir "$RUNS/dsa_ipc${ipc}_${baseline#*=}_eval"
-    done
-  fi
+baseline random 1
+baseline herding 1
+for method in dsa dc; do
+  distill_and_evaluate "${method}_ipc1" "method=$method,ipc=1"
+  distill_and_evaluate "${method}_mdt_ipc1" "method=$method,ipc=1,mdt=fixed"
 done
-"$PY" experiments/make_table.py "$RUNS" > experiments/results/fmnist_dd.md
+distill_and_evaluate dsa_mdtdyn_ipc1 "method=dsa,ipc=1,mdt=dynamic"
+for variant in loss=label_smoothing loss=focal mixing=mixup; do  # the paper's train-time calibration baselines
+  main "$RUNS/dsa_ipc1_${variant#*=}_eval" --config "configs/evaluate.py:budget=cpu,$variant" \
+      --config.evaluate.source="$RUNS/dsa_ipc1"
+  table
+done
+baseline random 10
+distill_and_evaluate dsa_ipc10 "method=dsa,ipc=10"
+distill_and_evaluate dsa_mdt_ipc10 "method=dsa,ipc=10,mdt=fixed"
+baseline herding 10
+distill_and_evaluate dc_ipc10 "method=dc,ipc=10"
+distill_and_evaluate dc_mdt_ipc10 "method=dc,ipc=10,mdt=fixed"
+table

@@ -69,11 +69,11 @@ def test_unknown_model_and_bad_option():
 def test_fast_paths_equal_the_plain_layers():
   """The first-layer conv as a patch matmul and the reshape pooling compute what nnx.Conv and pooling do."""
   from flax import nnx
-  from calibjax.models.convnet import _conv_as_matmul, _pool2x2
+  from calibjax.models.convnet import conv_as_matmul, pool2x2
   for channels, pad in ((1, 3), (3, 1)):
     conv = nnx.Conv(channels, 8, (3, 3), padding=pad, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(channels), (2, 9, 11, channels))
-    np.testing.assert_allclose(_conv_as_matmul(conv, x), conv(x), atol=1e-5)
+    np.testing.assert_allclose(conv_as_matmul(conv, x), conv(x), atol=1e-5)
   x = jax.random.normal(jax.random.key(0), (2, 7, 9, 3))
-  np.testing.assert_allclose(_pool2x2(x, "avg"), nnx.avg_pool(x, (2, 2), strides=(2, 2)), atol=1e-6)
-  np.testing.assert_array_equal(_pool2x2(x, "max"), nnx.max_pool(x, (2, 2), strides=(2, 2)))
+  np.testing.assert_allclose(pool2x2(x, "avg"), nnx.avg_pool(x, (2, 2), strides=(2, 2)), atol=1e-6)
+  np.testing.assert_array_equal(pool2x2(x, "max"), nnx.max_pool(x, (2, 2), strides=(2, 2)))

@@ -53,7 +53,8 @@ def _prepare(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array
                     "pass integer labels (B,) or targets (B, K)")
 
 
-def _reduce(values: jax.Array, reduction: str) -> jax.Array:
+def apply_reduction(values: jax.Array, reduction: str) -> jax.Array:
+  """Per-sample `values` reduced by "mean", "sum" or "none" (the `reduction` switch every loss takes)."""
   if reduction == "mean":
     return jnp.mean(values)
   if reduction == "sum":
@@ -65,7 +66,7 @@ def _reduce(values: jax.Array, reduction: str) -> jax.Array:
 
 def _with_batch_term(per_sample: jax.Array, term: jax.Array, reduction: str) -> jax.Array:
   """Adds a batch-level regulariser to every per-sample value, then reduces (see the module docstring)."""
-  return _reduce(per_sample + term, reduction)
+  return apply_reduction(per_sample + term, reduction)
 
 
 def _top1(probs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -99,7 +100,7 @@ def cross_entropy(*, logits: jax.Array, labels: jax.Array, reduction: str = "mea
     A scalar, or (B,) for reduction="none".
   """
   logits, targets = _prepare(logits, labels)
-  return _reduce(-jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1), reduction)
+  return apply_reduction(-jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1), reduction)
 
 
 def label_smoothing_ce(*, logits: jax.Array, labels: jax.Array, alpha: float = 0.1, form: str = "uniform",
@@ -149,7 +150,7 @@ def focal(*, logits: jax.Array, labels: jax.Array, gamma: float = 1.0, reduction
     A scalar, or (B,) for reduction="none".
   """
   logits, targets = _prepare(logits, labels)
-  return _reduce(_focal_terms(jax.nn.log_softmax(logits), targets, gamma), reduction)
+  return apply_reduction(_focal_terms(jax.nn.log_softmax(logits), targets, gamma), reduction)
 
 
 def flsd53_gamma(probs: jax.Array, *, gamma: float = 3.0) -> jax.Array:
@@ -186,7 +187,7 @@ def flsd53(*, logits: jax.Array, labels: jax.Array, gamma: float = 3.0, reductio
   logits, targets = _prepare(logits, labels)
   log_probs = jax.nn.log_softmax(logits)
   gammas = flsd53_gamma(jnp.exp(log_probs), gamma=gamma)
-  return _reduce(_focal_terms(log_probs, targets, gammas), reduction)
+  return apply_reduction(_focal_terms(log_probs, targets, gammas), reduction)
 
 
 class AdaFocalState(NamedTuple):
@@ -306,7 +307,7 @@ def adafocal(*, logits: jax.Array, labels: jax.Array, state: AdaFocalState,
   logits, targets = _prepare(logits, labels)
   log_probs = jax.nn.log_softmax(logits)
   gammas = state.gammas[adafocal_bin_index(jnp.exp(log_probs), state.edges)]
-  return _reduce(_focal_terms(log_probs, targets, gammas), reduction)
+  return apply_reduction(_focal_terms(log_probs, targets, gammas), reduction)
 
 
 def mmce_weighted(*, logits: jax.Array, labels: jax.Array, width: float = 0.4) -> jax.Array:

@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from calibjax.calibration.losses import _reduce, cross_entropy
+from calibjax.calibration.losses import apply_reduction, cross_entropy
 from calibjax.errors import ConfigError
 from calibjax.registry import Registry
 
@@ -73,7 +73,7 @@ def kd_loss(*, student_logits: jax.Array, teacher_logits: jax.Array, temperature
   log_p_s = jax.nn.log_softmax(student / temperature, axis=-1)
   log_p_t = jax.nn.log_softmax(teacher / temperature, axis=-1)
   per_sample = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
-  return _reduce(temperature**2 * per_sample, reduction)
+  return apply_reduction(temperature**2 * per_sample, reduction)
 
 
 def scaled_kd_loss(*, student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 50.0,
@@ -99,7 +99,7 @@ def scaled_kd_loss(*, student_logits: jax.Array, teacher_logits: jax.Array, temp
   """
   per_sample = kd_loss(student_logits=student_logits, teacher_logits=teacher_logits, temperature=temperature,
                        reduction="none")
-  return _reduce(per_sample / jnp.shape(student_logits)[-1], reduction)
+  return apply_reduction(per_sample / jnp.shape(student_logits)[-1], reduction)
 
 
 def combined(*, distill: jax.Array, task: jax.Array, alpha: float) -> jax.Array:

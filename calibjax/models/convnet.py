@@ -58,14 +58,14 @@ class ConvNet(nnx.Module):
   def embed(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Flattened features before the head, (N, feature_dim); DM matches their class means."""
     for conv, norm in zip(self.convs, self.norms):
-      x = _conv_as_matmul(conv, x) if _use_matmul(conv) else conv(x)
+      x = conv_as_matmul(conv, x) if use_matmul(conv) else conv(x)
       if isinstance(norm, nnx.BatchNorm):
         x = norm(x, use_running_average=not train)
       elif norm is not None:
         x = norm(x)
       x = jax.nn.relu(x)
       if self.pooling != "none":
-        x = _pool2x2(x, self.pooling)
+        x = pool2x2(x, self.pooling)
     return x.reshape(x.shape[0], -1)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -79,18 +79,22 @@ class ConvNet(nnx.Module):
 _MATMUL_MAX_IN_CHANNELS = 4
 
 
-def _use_matmul(conv: nnx.Conv) -> bool:
-  """im2col + matmul for every conv on the CPU backend, XLA's convolution elsewhere (GPU/TPU kernels win there).
+def use_matmul(conv: nnx.Conv) -> bool:
+  """Whether `conv_as_matmul` should compute `conv` (stride 1, ungrouped, integer padding): for few input
+  channels always, and for every such conv on the CPU backend; XLA's convolution elsewhere (GPU/TPU kernels
+  win there).
 
   On XLA:CPU the 128 -> 128 3x3 conv of the ConvNet (batch 256, 16 x 16, value and both gradients) takes 2.1 s as
   a patch matmul vs 8.3 s as a convolution, and 18 s vs 124 s when vmapped over 10 weight-sharing batches (the
   per-class gradients of gradient matching, where the convolution becomes a grouped one); measured on 2 busy
   cores. The patches cost 9x the input's memory.
   """
+  if conv.strides not in (1, (1, 1)) or conv.feature_group_count != 1 or not isinstance(conv.padding, int):
+    return False
   return conv.in_features <= _MATMUL_MAX_IN_CHANNELS or jax.default_backend() == "cpu"
 
 
-def _conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   """`conv(x)` for a stride-1 conv with explicit symmetric integer padding, computed on im2col patches."""
   kh, kw = conv.kernel_size
   pad = conv.padding
@@ -102,7 +106,7 @@ def _conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   return y + conv.bias.value if conv.bias is not None else y
 
 
-def _pool2x2(x: jax.Array, kind: str) -> jax.Array:
+def pool2x2(x: jax.Array, kind: str) -> jax.Array:
   """2x2 pooling with stride 2 (an odd last row/column is dropped, as PyTorch's pooling does).
 
   Written as a reshape and reduction: XLA's CPU gradient of `reduce_window` is three times slower.

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from calibjax.errors import ConfigError
 # CPU fast paths of the ConvNet (patch-matmul first conv, reshape pooling); see convnet.py for why they pay.
-from calibjax.models.convnet import _MATMUL_MAX_IN_CHANNELS, _conv_as_matmul, _pool2x2
+from calibjax.models.convnet import conv_as_matmul, pool2x2, use_matmul
 from calibjax.models.init import torch_bias_init, torch_kernel_init
 
 KAIMING_FAN_OUT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -65,9 +65,9 @@ def linear(in_features: int, out_features: int, *, weight: str = "torch", bias: 
 
 
 def apply_conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
-  """`layer(x)`; a patch matmul for stride-1 ungrouped convs on few channels (fast CPU gradient)."""
-  if (layer.in_features <= _MATMUL_MAX_IN_CHANNELS and layer.strides == 1 and layer.feature_group_count == 1):
-    return _conv_as_matmul(layer, x)
+  """`layer(x)`; a patch matmul where `convnet.use_matmul` says XLA:CPU's convolution gradient is slow."""
+  if use_matmul(layer):
+    return conv_as_matmul(layer, x)
   return layer(x)
 
 
@@ -94,7 +94,7 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 
 def max_pool2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling, stride 2, odd last row/column dropped (PyTorch MaxPool2d(2, 2))."""
-  return _pool2x2(x, "max")
+  return pool2x2(x, "max")
 
 
 def avg_pool3x3_stride2(x: jax.Array) -> jax.Array:
