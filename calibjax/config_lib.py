@@ -113,8 +113,9 @@ def smoke_training(c: ml_collections.ConfigDict, *, dataset: str = "digits") -> 
   c.data.name = dataset
   c.data.val_per_class = 20
   c.data.train_per_class = 0
-  c.model.width = 16
-  c.model.depth = 2
+  if c.model.name == "convnet":
+    c.model.width = 16
+    c.model.depth = 2
   c.train.epochs = 2
   c.train.batch_size = 64
   c.eval_batch_size = 256

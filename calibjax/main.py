@@ -21,6 +21,7 @@ METHODS = {
     "distill": "calibjax.distill.run:run",
     "evaluate": "calibjax.distill.evaluate:run",
     "buffer": "calibjax.distill.buffer:run",
+    "kd": "calibjax.kd.run:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:smoke.",

@@ -10,6 +10,8 @@ Defaults are the dataset-distillation protocol for full-data ConvNets: SGD momen
 lr 0.01, batch 256, lr ×0.1 after half the epochs.
 """
 
+import ml_collections
+
 from calibjax import config_lib
 
 
@@ -21,7 +23,10 @@ def get_config(arg=None):
   c.seed = preset.seed
   c.data.name = preset.dataset
   c.data.train_per_class = preset.train_per_class
-  c.model.name = preset.model
+  if preset.model == "convnet":
+    c.model.name = preset.model
+  else:  # a zoo model takes its own options, not the ConvNet's width/depth/norm/pooling
+    c.model = ml_collections.ConfigDict({"name": preset.model})
 
   c.train = config_lib.train_config(epochs=preset.epochs, batch_size=preset.batch_size)
   c.loss = config_lib.loss_config(preset.loss)

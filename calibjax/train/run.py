@@ -92,23 +92,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def restore_run(workdir: str):
-  """Rebuilds a finished `train` run from its workdir (read-only): (config, splits, network, train state).
+def restore_run(workdir: str, *, methods: tuple[str, ...] = ("train",)):
+  """Rebuilds a finished run of one of `methods` (`train`, or `kd`, whose students have the same train state)
+  from its workdir, read-only: (config, splits, network, train state).
 
   The data splits are recomputed from the run's own config and seed, so the held-out validation split is exactly
   the one the run did not train on.
   """
   config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise CheckpointError(f"{workdir} is not a calibjax run (no config.json); pass the --workdir of a train run")
+  if not workdir or not os.path.exists(config_path):
+    raise CheckpointError(f"'{workdir}' is not a calibjax run (no config.json); pass the --workdir of a finished "
+                          f"{' or '.join(methods)} run")
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  if config.method != "train":
-    raise CheckpointError(f"{workdir} holds a '{config.method}' run; calibrate needs a 'train' run")
+  if config.method not in methods:
+    raise CheckpointError(f"{workdir} holds a '{config.method}' run; this needs a {' or '.join(methods)} run")
   splits = prepare(config.data, seed=config.seed)
   net = build_network(config.model, splits)
   tx = build_optimizer(config.train, steps_per_epoch=len(splits.train_images) // config.train.batch_size)
-  _, loss_state, _ = make_train_loss(config.loss)
+  loss_state = make_train_loss(config.loss)[1] if "loss" in config else None
   like = step_lib.init_train_state(net, tx, jax.random.key(0), loss_state=loss_state)
   with Checkpointer(os.path.join(workdir, "checkpoints")) as checkpoints:
     step = checkpoints.latest_step()

@@ -1,0 +1,147 @@
+"""Method `kd` end to end through the command line, and its batch transform / loss as units.
+
+The CLI cases share one smoke teacher (configs/train.py:smoke, a width-16 ConvNet on digits).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from calibjax.data.augment import augment_config
+from calibjax.errors import ConfigError
+from calibjax.kd.run import check_teacher_data, make_kd_batch_transform, make_kd_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args, workdir):
+  return subprocess.run([sys.executable, "-m", "calibjax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
+                        env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("kd") / "teacher")
+  result = cli("--config=configs/train.py:smoke", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def check_results(workdir, teacher_dir):
+  results = read_json(os.path.join(workdir, "results.json"))
+  for name in ("raw", "ts", "mts"):
+    assert 0.0 <= results[name]["ece"] <= 1.0 and results[name]["nll"] > 0
+  assert results["raw"]["accuracy"] == results["ts"]["accuracy"] == results["mts"]["accuracy"]
+  assert results["raw"]["accuracy"] > 0.2  # well above chance (0.1) on digits after 2 epochs
+  best = results["best_epoch"]
+  assert best["headline"] == "last_epoch" and best["last_epoch"] == 2 and best["epoch"] in (1, 2)
+  assert best["val_accuracy"] >= best["last_val_accuracy"]
+  assert results["teacher"]["workdir"] == os.path.abspath(teacher_dir)
+  assert results["budget"]["epochs"] == 2
+  return results
+
+
+@pytest.mark.slow
+def test_kd_then_scaled_kd_mixup_from_the_kd_student(tmp_path, teacher):
+  gen1 = str(tmp_path / "gen1")
+  result = cli(f"--config=configs/kd.py:smoke,recipe=self,loss=kd,teacher={teacher}", workdir=gen1)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert check_results(gen1, teacher)["teacher"]["method"] == "train"
+
+  # A kd run as teacher (generation 2 of iterative self-distillation): the batch-norm resnet8 above teaches,
+  # here with paper 004's recipe (scaled KD on originals + mixup on the student); a ConvNet student compiles
+  # faster.
+  gen2 = str(tmp_path / "gen2")
+  result = cli(f"--config=configs/kd.py:smoke,recipe=aug,mixing=mixup,student=convnet,teacher={gen1}",
+               workdir=gen2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = check_results(gen2, gen1)
+  assert results["teacher"]["method"] == "kd" and results["teacher"]["model"] == "resnet8"
+  config = read_json(os.path.join(gen2, "config.json"))
+  assert config["kd"]["loss"] == "scaled_kd" and config["kd"]["temperature"] == 50.0
+  assert config["augment"]["mixing"] == "mixup" and config["augment"]["mixup_alpha"] == 0.4
+
+
+@pytest.mark.parametrize("teacher_arg", ["does/not/exist", ""])
+def test_bad_teacher_path_is_one_line_error(tmp_path, teacher_arg):
+  result = cli(f"--config=configs/kd.py:smoke,teacher={teacher_arg}", workdir=str(tmp_path / "bad"))
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and "kd.teacher" in lines[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def _linear_teacher(key, num_classes):
+  weights = jax.random.normal(key, (8 * 8 * 1, num_classes))
+  return lambda images: images.reshape(images.shape[0], -1) @ weights
+
+
+@pytest.mark.parametrize("mixing", ["cutout", "mixup"])
+def test_teacher_sees_original_images(mixing):
+  num_classes, batch = 10, 8
+  key_t, key_x, key_y, key_step = jax.random.split(jax.random.key(0), 4)
+  teacher = _linear_teacher(key_t, num_classes)
+  images = jax.random.uniform(key_x, (batch, 8, 8, 1)) + 0.5  # no zeros, so a cutout hole is visible
+  labels = jax.random.randint(key_y, (batch,), 0, num_classes)
+  cfg = augment_config()
+  cfg.mixing, cfg.cutout_size = mixing, 4
+  out = jax.jit(make_kd_batch_transform(teacher, cfg, num_classes=num_classes))(
+      key_step, {"images": images, "labels": labels})
+
+  assert out["images"].shape == (2 * batch, 8, 8, 1) and out["labels"].shape == (2 * batch, 2 * num_classes)
+  np.testing.assert_array_equal(out["images"][:batch], images)
+  assert not np.allclose(out["images"][batch:], images)  # the student's second half is augmented
+  expected = jax.nn.log_softmax(teacher(images), -1)
+  for half in (slice(0, batch), slice(batch, None)):
+    np.testing.assert_allclose(out["labels"][half, num_classes:], expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out["labels"][:batch, :num_classes], jax.nn.one_hot(labels, num_classes))
+  # The train step's accuracy takes argmax over the whole row: it must land in the target block.
+  np.testing.assert_array_equal(jnp.argmax(out["labels"], -1), jnp.argmax(out["labels"][:, :num_classes], -1))
+
+
+def test_kd_loss_split_matches_hand_formula():
+  num_classes, batch = 5, 4
+  key_s, key_t = jax.random.split(jax.random.key(1))
+  student = jax.random.normal(key_s, (2 * batch, num_classes))
+  teacher = jax.nn.log_softmax(3.0 * jax.random.normal(key_t, (batch, num_classes)), -1)
+  onehot = jax.nn.one_hot(jnp.arange(batch) % num_classes, num_classes)
+  soft = 0.7 * onehot + 0.3 * jnp.roll(onehot, 1, axis=0)
+  labels = jnp.concatenate([jnp.concatenate([onehot, teacher], -1), jnp.concatenate([soft, teacher], -1)])
+  cfg = ml_collections.ConfigDict({"loss": "scaled_kd", "alpha": 0.5, "temperature": 50.0})
+  value = make_kd_loss(cfg, mixing="mixup")(student, labels, {})
+
+  def kl(s, t, temp):  # numpy reference: per-sample KL(softmax(t/T) || softmax(s/T))
+    log_s = np.asarray(jax.nn.log_softmax(s / temp, -1), np.float64)
+    log_t = np.asarray(jax.nn.log_softmax(t / temp, -1), np.float64)
+    return np.sum(np.exp(log_t) * (log_t - log_s), -1)
+
+  distill = 2 * 50.0**2 * np.mean(kl(student[:batch], teacher, 50.0)) / num_classes  # Eq. 12: both sources
+  log_p = np.asarray(jax.nn.log_softmax(student[batch:], -1), np.float64)
+  task = -np.mean(np.sum(np.asarray(soft) * log_p, -1))
+  np.testing.assert_allclose(value, 0.5 * distill + 0.5 * task, rtol=1e-5)
+
+  # Student = teacher (as logits) and alpha = 1: zero loss; no mixing uses every row for both terms.
+  same = jnp.concatenate([onehot, teacher], -1)
+  for loss in ("kd", "scaled_kd", "cxkd"):
+    cfg = ml_collections.ConfigDict({"loss": loss, "alpha": 1.0, "temperature": 4.0})
+    assert abs(float(make_kd_loss(cfg, mixing="none")(teacher + 7.0, same, {}))) < 1e-5
+
+
+def test_teacher_with_other_data_settings_is_refused():
+  student = ml_collections.ConfigDict({"name": "digits", "normalize": "dataset", "zca": False})
+  check_teacher_data(student, ml_collections.ConfigDict(dict(student)))
+  with pytest.raises(ConfigError, match="data.zca=True"):
+    check_teacher_data(student, ml_collections.ConfigDict(dict(student, zca=True)))
