@@ -20,6 +20,7 @@ import numpy as np
 
 from calibjax.data.sampling import class_balanced_indices
 from calibjax.errors import CheckpointError, ConfigError
+from calibjax.train.workdir import publish
 
 INITS = ("real", "noise")
 # Keys of an exported archive; transform fields are stored as "transform/<name>/<field>".
@@ -128,7 +129,7 @@ def export_npz(path: str, synset: SyntheticSet, *, config_json: str, transforms:
       np.savez(f, **arrays)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
+    publish(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise

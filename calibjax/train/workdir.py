@@ -16,6 +16,14 @@ from calibjax.errors import CheckpointError
 from calibjax.train.checkpoint import Checkpointer
 
 
+def publish(tmp: str, path: str) -> None:
+  """Renames the finished temporary file `tmp` over `path` with ordinary permissions (mkstemp creates 0600)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)
+  os.replace(tmp, path)
+
+
 def write_json_atomic(path: str, data: Any) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
@@ -23,7 +31,7 @@ def write_json_atomic(path: str, data: Any) -> None:
     with os.fdopen(fd, "w") as f:
       json.dump(data, f, indent=2, sort_keys=True, default=_to_json)
       f.write("\n")
-    os.replace(tmp, path)
+    publish(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
