@@ -21,6 +21,18 @@ def cli(*args, workdir, timeout=600):
                         env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def kill_after_checkpoint(args, *, workdir, step):
+  """Starts the CLI run and SIGKILLs it as soon as its checkpoint `step` exists."""
+  process = subprocess.Popen([sys.executable, "-m", "calibjax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.isdir(checkpoints) and str(step) in os.listdir(checkpoints)):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+
+
 def read_json(path):
   with open(path) as f:
     return json.load(f)
@@ -64,14 +76,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
   assert cli(*args, workdir=reference).returncode == 0
 
   resumed = str(tmp_path / "killed")
-  process = subprocess.Popen([sys.executable, "-m", "calibjax.main", *args, f"--workdir={resumed}"], cwd=ROOT,
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  checkpoints = os.path.join(resumed, "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and not (os.path.isdir(checkpoints) and "3" in os.listdir(checkpoints)):
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
+  kill_after_checkpoint(args, workdir=resumed, step=3)
   assert not os.path.exists(os.path.join(resumed, "results.json")), "the run finished before it was killed"
 
   result = cli(*args, workdir=resumed)

@@ -2,10 +2,6 @@
 SIGKILL, herding by hand, and the K-network vmapped training against one network trained alone."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import ml_collections
@@ -15,7 +11,7 @@ import pytest
 from calibjax import config_lib, models
 from calibjax.distill import evaluate
 from calibjax.distill.synthetic import load_npz
-from test_cli import ENV, ROOT, assert_one_line_error, cli, read_json, read_metrics
+from test_cli import assert_one_line_error, cli, kill_after_checkpoint, read_json, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +53,7 @@ def test_killed_distillation_resumes_to_the_same_set(tmp_path):
   assert cli(*args, workdir=reference).returncode == 0
 
   resumed = str(tmp_path / "killed")
-  process = subprocess.Popen([sys.executable, "-m", "calibjax.main", *args, f"--workdir={resumed}"], cwd=ROOT,
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  checkpoints = os.path.join(resumed, "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and not (os.path.isdir(checkpoints) and "4" in os.listdir(checkpoints)):
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
+  kill_after_checkpoint(args, workdir=resumed, step=4)
   assert not os.path.exists(os.path.join(resumed, "synthetic.npz")), "the run finished before it was killed"
 
   result = cli(*args, workdir=resumed)
