@@ -16,6 +16,8 @@ Presets (`:key=value,...`):
     self   self-distillation: the student has the teacher's architecture (pass student=<teacher's model>);
            loss kd.
   teacher: the teacher's --workdir (a finished train or kd run; required).
+  teacher_cal: none | ts | mts: divide the teacher's logits by the temperature its own run fitted (post-hoc
+    calibrated teacher for KD(C), paper 003's "TS" teacher); default none.
   student: a model of the zoo (calibjax.models.MODELS); "" = the small model of the dataset's pair (CIFAR-100:
     resnet8x4, Fashion-MNIST: wrn_16_2), the large one (resnet32x4, wrn_40_2) for recipe=reverse.
   loss: kd | scaled_kd | cxkd; "" = the recipe's.
@@ -77,8 +79,8 @@ REPDISTILLER_MILESTONES = (150, 180, 210)  # of 240 epochs
 
 def get_config(arg=None):
   preset = config_lib.parse_arg(arg, recipe="kd_uc", teacher="", student="", loss="", mixing="", alpha=-1.0,
-                                temperature=-1.0, dataset="cifar100", epochs=0, train_per_class=0, seed=0,
-                                smoke=False)
+                                temperature=-1.0, teacher_cal="none", dataset="cifar100", epochs=0,
+                                train_per_class=0, seed=0, smoke=False)
   if preset.recipe not in RECIPES:
     raise ConfigError(f"unknown recipe '{preset.recipe}'; choose one of: {', '.join(RECIPES)}")
   loss, mixing, large_student = RECIPES[preset.recipe]
@@ -105,6 +107,7 @@ def get_config(arg=None):
   c.kd = ml_collections.ConfigDict()
   c.kd.recipe = preset.recipe
   c.kd.teacher = preset.teacher
+  c.kd.teacher_calibration = preset.teacher_cal
   c.kd.loss = loss
   c.kd.alpha = alpha if preset.alpha < 0 else preset.alpha
   c.kd.temperature = temperature if preset.temperature < 0 else preset.temperature

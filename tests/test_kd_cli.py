@@ -14,9 +14,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from calibjax import models
 from calibjax.data.augment import augment_config
 from calibjax.errors import ConfigError
-from calibjax.kd.run import check_teacher_data, make_kd_batch_transform, make_kd_loss
+from calibjax.kd.run import (check_teacher_data, make_kd_batch_transform, make_kd_loss, make_teacher_apply,
+                             teacher_temperature)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -57,9 +59,13 @@ def check_results(workdir, teacher_dir):
 @pytest.mark.slow
 def test_kd_then_scaled_kd_mixup_from_the_kd_student(tmp_path, teacher):
   gen1 = str(tmp_path / "gen1")
-  result = cli(f"--config=configs/kd.py:smoke,recipe=self,loss=kd,teacher={teacher}", workdir=gen1)
+  # KD(C) from a temperature-scaled teacher: its logits are divided by the T its own run fitted.
+  result = cli(f"--config=configs/kd.py:smoke,recipe=self,loss=kd,teacher_cal=ts,teacher={teacher}",
+               workdir=gen1)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert check_results(gen1, teacher)["teacher"]["method"] == "train"
+  recorded = check_results(gen1, teacher)["teacher"]
+  assert recorded["method"] == "train" and recorded["calibration"] == "ts"
+  assert recorded["calibration_temperature"] == read_json(os.path.join(teacher, "results.json"))["ts"]["temperature"]
 
   # A kd run as teacher (generation 2 of iterative self-distillation): the batch-norm resnet8 above teaches,
   # here with paper 004's recipe (scaled KD on originals + mixup on the student); a ConvNet student compiles
@@ -82,6 +88,23 @@ def test_bad_teacher_path_is_one_line_error(tmp_path, teacher_arg):
   lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(lines) == 1 and "kd.teacher" in lines[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
+
+
+def test_teacher_calibration_errors_are_one_line(tmp_path):
+  with pytest.raises(ConfigError, match="kd.teacher_calibration must be"):
+    teacher_temperature(str(tmp_path), "platt")
+  with pytest.raises(ConfigError, match="results.json"):
+    teacher_temperature(str(tmp_path), "mts")
+  assert teacher_temperature(str(tmp_path), "none") == 1.0
+
+
+def test_teacher_apply_divides_by_the_calibration_temperature():
+  net = models.build("convnet", num_classes=3, input_shape=(8, 8, 1), width=4, depth=1)
+  variables = net.init(jax.random.key(0))
+  state = {"params": variables[0], "model_state": variables[1]}
+  images = jax.random.normal(jax.random.key(1), (5, 8, 8, 1))
+  plain = make_teacher_apply(net, state, temperature=1.0)(images)
+  np.testing.assert_allclose(make_teacher_apply(net, state, temperature=2.5)(images), plain / 2.5, rtol=1e-6)
 
 
 def _linear_teacher(key, num_classes):

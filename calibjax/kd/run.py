@@ -6,7 +6,9 @@ with the student, so the teacher's weights do not belong there. Instead `make_kd
 the teacher's (replicated, read-only) params and, per step:
 
   1. applies the base augmentation (DSA, if on) to the batch: this is the "original sample";
-  2. computes the teacher's logits on it in inference mode (batch-norm running statistics, no dropout);
+  2. computes the teacher's logits on it in inference mode (batch-norm running statistics, no dropout),
+     divided by the teacher's own TS / MTS temperature when `kd.teacher_calibration` asks for a post-hoc
+     calibrated teacher;
   3. applies the mixing augmentation (mixup / CutMix / cutout) to the STUDENT's copy only, as paper 004
      (Eq. 6, 13) requires: the teacher never sees a mixed or cut image;
   4. returns {"images", "labels"} with labels = concat([targets (K), log_softmax(teacher logits) (K)], -1),
@@ -78,6 +80,33 @@ def restore_teacher(workdir: str):
     raise ConfigError(f"kd.teacher '{workdir}' is not a calibjax run (no config.json); set --config.kd.teacher "
                       "to the --workdir of a finished train or kd run")
   return restore_run(workdir, methods=("train", "kd"))
+
+
+def teacher_temperature(workdir: str, calibration: str) -> float:
+  """The post-hoc temperature that calibrates the teacher's logits before distillation (KD(C) with a TS or MTS
+  teacher, paper 003): 1 for "none", else the temperature the teacher's own run fitted on its validation split
+  (`results.json` ["ts"|"mts"]["temperature"]). Dividing the logits by it is what the teacher's calibrated
+  predictions are; the KD temperature then applies on top (softmax(logits / (T_cal * T_kd)))."""
+  if calibration == "none":
+    return 1.0
+  if calibration not in ("ts", "mts"):
+    raise ConfigError(f"kd.teacher_calibration must be none, ts or mts; got '{calibration}'")
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"kd.teacher_calibration={calibration} needs the teacher's fitted temperature but {path} "
+                      "does not exist; finish the teacher run (its results.json) or set kd.teacher_calibration=none")
+  with open(path) as f:
+    return float(json.load(f)[calibration]["temperature"])
+
+
+def make_teacher_apply(teacher_net, teacher_state: dict, *, temperature: float):
+  """`images (B, H, W, C) -> logits (B, K) / temperature` of the frozen teacher in inference mode."""
+
+  def teacher_apply(images: jax.Array) -> jax.Array:
+    logits = teacher_net.apply(teacher_state["params"], teacher_state["model_state"], images, train=False)[0]
+    return logits / temperature
+
+  return teacher_apply
 
 
 def check_teacher_data(student_data: ml_collections.ConfigDict,
@@ -180,12 +209,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_dir = Workdir(workdir, config)
   predict_fn = step_lib.make_predict_fn(net, mesh)
 
-  teacher_params = parallel.replicate(teacher_state["params"], mesh)
-  teacher_model_state = parallel.replicate(teacher_state["model_state"], mesh)
-
-  def teacher_apply(images):
-    return teacher_net.apply(teacher_params, teacher_model_state, images, train=False)[0]
-
+  calibration_temperature = teacher_temperature(config.kd.teacher, config.kd.teacher_calibration)
+  frozen = {key: teacher_state[key] for key in ("params", "model_state")}
+  teacher_apply = make_teacher_apply(teacher_net, parallel.replicate(frozen, mesh),
+                                     temperature=calibration_temperature)
   batch_transform = make_kd_batch_transform(teacher_apply, config.augment, num_classes=splits.num_classes)
 
   def validate(epoch, state):
@@ -206,7 +233,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       plot_path=os.path.join(run_dir.plots, "reliability.png"))
   results["best_epoch"] = best_epoch(run_dir.metrics_path)
   results["teacher"] = {"workdir": os.path.abspath(config.kd.teacher), "method": teacher_config.method,
-                        "model": teacher_config.model.name}
+                        "model": teacher_config.model.name, "calibration": config.kd.teacher_calibration,
+                        "calibration_temperature": calibration_temperature}
   results["budget"] = {"epochs": config.train.epochs, "train_examples": len(splits.train_images),
                        "val_examples": len(splits.val_images), "test_examples": len(splits.test_images),
                        "seed": config.seed, "devices": mesh.size,
