@@ -70,8 +70,8 @@ def test_fast_paths_equal_the_plain_layers():
   """The first-layer conv as a patch matmul and the reshape pooling compute what nnx.Conv and pooling do."""
   from flax import nnx
   from calibjax.models.convnet import conv_as_matmul, pool2x2
-  for channels, pad in ((1, 3), (3, 1)):
-    conv = nnx.Conv(channels, 8, (3, 3), padding=pad, rngs=nnx.Rngs(0))
+  for channels, pad, stride, kernel in ((1, 3, 1, 3), (3, 1, 1, 3), (3, 1, 2, 3), (4, 0, 2, 1), (2, 1, 3, 3)):
+    conv = nnx.Conv(channels, 8, (kernel, kernel), strides=stride, padding=pad, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(channels), (2, 9, 11, channels))
     np.testing.assert_allclose(conv_as_matmul(conv, x), conv(x), atol=1e-5)
   x = jax.random.normal(jax.random.key(0), (2, 7, 9, 3))

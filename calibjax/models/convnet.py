@@ -80,7 +80,7 @@ _MATMUL_MAX_IN_CHANNELS = 4
 
 
 def use_matmul(conv: nnx.Conv) -> bool:
-  """Whether `conv_as_matmul` should compute `conv` (stride 1, ungrouped, integer padding): for few input
+  """Whether `conv_as_matmul` should compute `conv` (square stride, ungrouped, integer padding): for few input
   channels always, and for every such conv on the CPU backend; XLA's convolution elsewhere (GPU/TPU kernels
   win there).
 
@@ -89,19 +89,29 @@ def use_matmul(conv: nnx.Conv) -> bool:
   per-class gradients of gradient matching, where the convolution becomes a grouped one); measured on 2 busy
   cores. The patches cost 9x the input's memory.
   """
-  if conv.strides not in (1, (1, 1)) or conv.feature_group_count != 1 or not isinstance(conv.padding, int):
+  if _square_stride(conv) is None or conv.feature_group_count != 1 or not isinstance(conv.padding, int):
     return False
   return conv.in_features <= _MATMUL_MAX_IN_CHANNELS or jax.default_backend() == "cpu"
 
 
+def _square_stride(conv: nnx.Conv) -> int | None:
+  """The conv's stride if it is the same along both axes, else None."""
+  strides = conv.strides
+  if isinstance(strides, int):
+    return strides
+  return strides[0] if len(set(strides)) == 1 else None
+
+
 def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
-  """`conv(x)` for a stride-1 conv with explicit symmetric integer padding, computed on im2col patches."""
+  """`conv(x)` for a square-stride conv with explicit symmetric integer padding, computed on im2col patches."""
   kh, kw = conv.kernel_size
-  pad = conv.padding
+  pad, stride = conv.padding, _square_stride(conv)
   x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  out_h, out_w = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+  span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
   # Patch features ordered (kh, kw, c_in), matching the (kh, kw, c_in, c_out) kernel layout.
-  patches = jnp.concatenate([x[:, i:i + out_h, j:j + out_w, :] for i in range(kh) for j in range(kw)], axis=-1)
+  patches = jnp.concatenate([x[:, i:i + span_h:stride, j:j + span_w:stride, :]
+                             for i in range(kh) for j in range(kw)], axis=-1)
   y = patches @ conv.kernel.value.reshape(-1, conv.out_features)
   return y + conv.bias.value if conv.bias is not None else y
 
