@@ -20,10 +20,14 @@ Presets (`:key=value,...`):
     calibrated teacher for KD(C), paper 003's "TS" teacher); default none.
   student: a model of the zoo (calibjax.models.MODELS); "" = the small model of the dataset's pair (CIFAR-100:
     resnet8x4, Fashion-MNIST: wrn_16_2), the large one (resnet32x4, wrn_40_2) for recipe=reverse.
-  loss: kd | scaled_kd | cxkd; "" = the recipe's.
+  loss: kd | scaled_kd | cxkd | crd; "" = the recipe's. crd = Contrastive Representation Distillation
+    (RepDistiller's CRD recipe, -r 1 -a 0 -b 0.8: CE + 0.8 · CRD, no KD term), with any recipe; its settings
+    are `kd.crd`: weight 0.8, feat_dim 128, nce_k 16384 (clipped to n_train - largest class count: 1 030 on
+    the digits smoke data), nce_t 0.07, nce_m 0.5 (--config.kd.crd.weight=... to change them).
   mixing: none | mixup | cutmix | cutout; "" = the recipe's.
   alpha, temperature: weight of the distillation term and KD temperature; -1 = the loss's default
-    (kd: 0.9, 4 as RepDistiller; scaled_kd: 0.5, 50 as paper 004; cxkd: 0.9, 20 as CalibrationXferViaKD).
+    (kd: 0.9, 4 as RepDistiller; scaled_kd: 0.5, 50 as paper 004; cxkd: 0.9, 20 as CalibrationXferViaKD;
+    crd: 0, 4, the weight of a Hinton KD term added to CE + CRD).
   dataset: cifar100 (default) | fashion_mnist | any other name calibjax.data.load knows (Fashion-MNIST's
     budget then).
   epochs: 0 = the dataset's default (240 on CIFAR-100, 15 on Fashion-MNIST).
@@ -67,7 +71,10 @@ RECIPES = {  # recipe -> (loss, mixing, whether the student is the larger model 
     "reverse": ("kd", "none", True),
     "self": ("kd", "none", False),
 }
-LOSS_DEFAULTS = {"kd": (0.9, 4.0), "scaled_kd": (0.5, 50.0), "cxkd": (0.9, 20.0)}  # loss -> (alpha, T)
+# loss -> (alpha, T)
+LOSS_DEFAULTS = {"kd": (0.9, 4.0), "scaled_kd": (0.5, 50.0), "cxkd": (0.9, 20.0), "crd": (0.0, 4.0)}
+# RepDistiller's CRD settings (train_student.py defaults; -b 0.8 from scripts/run_cifar_distill.sh).
+CRD_DEFAULTS = {"weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5}
 SMALL_LR_STUDENTS = ("mobilenetv2", "shufflev1", "shufflev2")
 # dataset -> (epochs, train_per_class, val_per_class, batch, lr, (small, large) model of the pair)
 DATASETS = {
@@ -111,6 +118,8 @@ def get_config(arg=None):
   c.kd.loss = loss
   c.kd.alpha = alpha if preset.alpha < 0 else preset.alpha
   c.kd.temperature = temperature if preset.temperature < 0 else preset.temperature
+  if loss == "crd":  # only then, so the configs (and workdirs) of the other losses are unchanged
+    c.kd.crd = ml_collections.ConfigDict(CRD_DEFAULTS)
 
   c.augment.mixing = mixing
   if preset.recipe == "aug":

@@ -35,8 +35,29 @@ Losses (`config.kd.loss`; alpha and temperature from `config.kd`):
     distillation term is doubled for mixup (CutMix and cutout: once).
   * "cxkd": CalibrationXferViaKD's kdloss, the same α·T²·KL + (1−α)·CE form as "kd", with its defaults
     T = 20, α = 0.9.
+  * "crd": Contrastive Representation Distillation (Tian et al., ICLR 2020) as RepDistiller's CRD recipe
+    (`-r 1 -a 0 -b 0.8`): (1−α)·CE + α·T²·KL + β·CRD with α = 0, T = 4, β = `kd.crd.weight` = 0.8;
+    feat_dim 128, nce_k 16384 negatives of other classes ("exact" mode), nce_t 0.07, nce_m 0.5 (`kd.crd`;
+    calibjax.kd.crd has the definition). nce_k is clipped to n_train − (largest class count)
+    (`crd.clip_nce_k`; the digits smoke run draws 1 030); results.json records the value drawn under "crd".
+    With mixing, CRD (like the KD term) uses the original rows.
 The teacher params are closed over, so they are compile-time constants of the jitted step (one compile per
 run).
+
+CRD in the jitted step. CRD needs dataset indices, the student's penultimate features with gradient, trainable
+heads and memory banks updated every step; the step stays one pure function of the train state:
+  * `fit(..., with_indices=True)` adds each batch's positions in the training array as "index" (B,); the
+    batch transform passes it through and adds "teacher_features" (B, D_t), the teacher's penultimate features
+    on the original sample from the same inference-mode pass as its logits (`step.apply_with_features`);
+  * the loss is a `step.FeatureLoss`: the step computes logits and penultimate features in one student pass,
+    differentiates w.r.t. the student's params and the two heads, updates both with the student's optimiser;
+  * `loss_state` = {"params": heads, "opt_state": their SGD state, "buffers": {"student", "teacher" banks
+    (n_train, 128), "z" (2,)}} is part of the checkpointed train state, so a killed run resumes exactly;
+    negatives are drawn inside the step from `fold_in(step key, 1)`.
+  * After the last epoch the CRD state is dropped from the train state (`end_of_epoch` returns loss_state {})
+    before the final checkpoint: the heads and banks are training-time state (RepDistiller saves only the
+    student), and the finished run restores like any other (`restore_run`, e.g. as the teacher of the next
+    generation). Re-running a finished command restores that final checkpoint without the CRD state.
 
 The student's validation split comes from its own config and seed; if the teacher was trained with another
 seed, its training split may overlap the student's validation split (use the same seed to avoid that).
@@ -60,15 +81,17 @@ from calibjax.calibration.report import calibrate_and_report
 from calibjax.data.augment import make_batch_transform
 from calibjax.data.prepare import Splits, prepare
 from calibjax.errors import ConfigError
+from calibjax.kd import crd
 from calibjax.kd import losses as kd_losses
 from calibjax.train import step as step_lib
 from calibjax.train.loop import LoopSpec, fit
 from calibjax.train.run import build_network, build_optimizer, make_logits_fn, restore_run
 from calibjax.train.workdir import Workdir
 
-# The distillation term of each `config.kd.loss`; "cxkd" is the "kd" form with CalibrationXferViaKD's
-# defaults.
-DISTILL_TERMS = {"kd": kd_losses.kd_loss, "scaled_kd": kd_losses.scaled_kd_loss, "cxkd": kd_losses.kd_loss}
+# The logit distillation term of each `config.kd.loss`; "cxkd" is the "kd" form with CalibrationXferViaKD's
+# defaults; "crd" adds its contrastive term to the "kd" form (weight alpha = 0 in RepDistiller's CRD recipe).
+DISTILL_TERMS = {"kd": kd_losses.kd_loss, "scaled_kd": kd_losses.scaled_kd_loss, "cxkd": kd_losses.kd_loss,
+                 "crd": kd_losses.kd_loss}
 # Data settings a student must share with its teacher (they change the inputs the teacher was trained on).
 MATCHED_DATA_KEYS = ("name", "normalize", "zca")
 
@@ -99,10 +122,15 @@ def teacher_temperature(workdir: str, calibration: str) -> float:
     return float(json.load(f)[calibration]["temperature"])
 
 
-def make_teacher_apply(teacher_net, teacher_state: dict, *, temperature: float):
-  """`images (B, H, W, C) -> logits (B, K) / temperature` of the frozen teacher in inference mode."""
+def make_teacher_apply(teacher_net, teacher_state: dict, *, temperature: float, features: bool = False):
+  """`images (B, H, W, C) -> logits (B, K) / temperature` of the frozen teacher in inference mode; with
+  `features`, `images -> (logits / temperature, penultimate features (B, D_t))` from the same pass."""
 
-  def teacher_apply(images: jax.Array) -> jax.Array:
+  def teacher_apply(images: jax.Array):
+    if features:
+      logits, embedded, _ = step_lib.apply_with_features(teacher_net, teacher_state["params"],
+                                                         teacher_state["model_state"], images, train=False)
+      return logits / temperature, embedded
     logits = teacher_net.apply(teacher_state["params"], teacher_state["model_state"], images, train=False)[0]
     return logits / temperature
 
@@ -119,41 +147,48 @@ def check_teacher_data(student_data: ml_collections.ConfigDict,
                         f"another teacher")
 
 
-def make_kd_batch_transform(teacher_apply, augment_cfg: ml_collections.ConfigDict, *,
-                            num_classes: int) -> step_lib.BatchTransform:
+def make_kd_batch_transform(teacher_apply, augment_cfg: ml_collections.ConfigDict, *, num_classes: int,
+                            teacher_features: bool = False) -> step_lib.BatchTransform:
   """The step's batch transform: teacher logits on the original sample, then mixing for the student only.
 
   Args:
-    teacher_apply: `images (B, H, W, C) -> logits (B, K)` of the frozen teacher (inference mode).
+    teacher_apply: `images (B, H, W, C) -> logits (B, K)` of the frozen teacher (inference mode), or
+      `-> (logits, features (B, D_t))` with `teacher_features`.
     augment_cfg: the run's `augment` config; DSA is the base augmentation both networks see, `mixing` is
       applied to the student's copy only.
     num_classes: K.
+    teacher_features: also return the teacher's penultimate features on the original sample (for CRD).
 
   Returns:
-    `(key, {"images": (B, H, W, C), "labels": (B,) int}) -> {"images": (R, H, W, C), "labels": (R, 2K)}` with
-    R = B without mixing and 2B (originals, then augmented) with it; labels rows are
-    [targets, teacher log-probabilities] (module docstring).
+    `(key, {"images": (B, H, W, C), "labels": (B,) int, ...}) -> {"images": (R, H, W, C), "labels": (R, 2K),
+    ...}` with R = B without mixing and 2B (originals, then augmented) with it; labels rows are
+    [targets, teacher log-probabilities] (module docstring). Other per-sample entries of the input (e.g.
+    "index") pass through unchanged ((B, ...), the originals), and "teacher_features" (B, D_t) float32 is
+    added with `teacher_features`.
   """
   base = make_batch_transform(ml_collections.ConfigDict(dict(augment_cfg, mixing="none")),
                               num_classes=num_classes)
   mix = make_batch_transform(ml_collections.ConfigDict(dict(augment_cfg, dsa=False)), num_classes=num_classes)
 
   def transform(key: jax.Array, batch: dict) -> dict:
+    extras = {name: value for name, value in batch.items() if name not in ("images", "labels")}
     base_key, mix_key = jax.random.split(key)
     if base is not None:
       batch = base(base_key, batch)
-    teacher_logits = jax.lax.stop_gradient(teacher_apply(batch["images"]))
-    teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), -1)
+    teacher_out = jax.lax.stop_gradient(teacher_apply(batch["images"]))
+    if teacher_features:
+      teacher_out, extras["teacher_features"] = teacher_out[0], teacher_out[1].astype(jnp.float32)
+    teacher = jax.nn.log_softmax(teacher_out.astype(jnp.float32), -1)
     onehot = jax.nn.one_hot(batch["labels"], num_classes, dtype=jnp.float32)
     if mix is None:
-      return {"images": batch["images"], "labels": jnp.concatenate([onehot, teacher], -1)}
+      return {"images": batch["images"], "labels": jnp.concatenate([onehot, teacher], -1), **extras}
     mixed = mix(mix_key, batch)
     targets = mixed["labels"]
     if targets.ndim == 1:  # cutout keeps integer labels
       targets = jax.nn.one_hot(targets, num_classes, dtype=jnp.float32)
     return {"images": jnp.concatenate([batch["images"], mixed["images"]]),
             "labels": jnp.concatenate([jnp.concatenate([onehot, teacher], -1),
-                                       jnp.concatenate([targets, teacher], -1)])}
+                                       jnp.concatenate([targets, teacher], -1)]), **extras}
 
   return transform
 
@@ -187,6 +222,62 @@ def make_kd_loss(kd_cfg: ml_collections.ConfigDict, *, mixing: str):
   return loss_fn
 
 
+def make_crd_loss(kd_cfg: ml_collections.ConfigDict, *, mixing: str,
+                  train_labels: np.ndarray) -> tuple[step_lib.FeatureLoss, int]:
+  """The "crd" objective: `make_kd_loss`'s (1−α)·CE + α·KD plus kd.crd.weight · CRD, as a `step.FeatureLoss`.
+
+  The CRD term uses the first B rows (the originals, whose dataset positions are `batch["index"]`), the
+  student's penultimate features of those rows and `batch["teacher_features"]`; negatives are drawn in the
+  step.
+
+  Args:
+    kd_cfg: `config.kd` (alpha, temperature and `crd`: weight, feat_dim, nce_k, nce_t, nce_m).
+    mixing: `config.augment.mixing` (as `make_kd_loss`).
+    train_labels: (n_train,) int labels in the order of the memory banks (the training array's).
+
+  Returns:
+    (the loss, the number of negatives it draws: `crd.clip_nce_k(kd.crd.nce_k, train_labels)`).
+  """
+  logit_loss = make_kd_loss(kd_cfg, mixing=mixing)
+  crd_cfg = kd_cfg.crd
+  nce_k = crd.clip_nce_k(crd_cfg.nce_k, train_labels)
+  labels = jnp.asarray(train_labels, jnp.int32)
+
+  def loss_fn(heads, *, logits, features, batch, buffers, key):
+    index = batch["index"]
+    negatives = crd.sample_negatives(key, index=index, labels=labels, nce_k=nce_k)
+    contrastive, buffers = crd.crd_loss(heads, student_features=features[:index.shape[0]],
+                                        teacher_features=batch["teacher_features"], index=index,
+                                        negatives=negatives, buffers=buffers, temperature=crd_cfg.nce_t,
+                                        momentum=crd_cfg.nce_m)
+    return logit_loss(logits, batch["labels"], None) + crd_cfg.weight * contrastive, buffers
+
+  return step_lib.FeatureLoss(loss_fn), nce_k
+
+
+def init_crd_state(key: jax.Array, crd_cfg: ml_collections.ConfigDict, *, net: models.Network, teacher_apply,
+                   images: np.ndarray, tx) -> dict:
+  """The initial `loss_state` of "crd": heads sized from the two networks' feature widths, memory banks of
+  len(images) rows, the heads' optimiser state (`step.feature_loss_state`).
+
+  Args:
+    key: PRNG key (heads and banks).
+    crd_cfg: `config.kd.crd`.
+    net: the student.
+    teacher_apply: the `features=True` teacher function of `make_teacher_apply`.
+    images: (n_train, H, W, C) training images (their number and shape).
+    tx: the student's optimiser.
+  """
+  spec = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
+  student_dim = jax.eval_shape(lambda x: net.embed(*net.init(jax.random.key(0)), x), spec).shape[-1]
+  teacher_dim = jax.eval_shape(teacher_apply, spec)[1].shape[-1]
+  heads_key, buffers_key = jax.random.split(key)
+  heads = crd.init_heads(heads_key, student_dim=student_dim, teacher_dim=teacher_dim,
+                         feat_dim=crd_cfg.feat_dim)
+  buffers = crd.init_buffers(buffers_key, n_data=len(images), feat_dim=crd_cfg.feat_dim)
+  return step_lib.feature_loss_state(heads, buffers, tx)
+
+
 def best_epoch(metrics_path: str) -> dict:
   """The epoch of highest validation accuracy (first on ties) and the last epoch's, from metrics.jsonl."""
   with open(metrics_path) as f:
@@ -203,7 +294,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   splits: Splits = prepare(config.data, seed=config.seed)
   mesh = parallel.make_mesh()
   net = build_network(config.model, splits)
-  loss_fn = make_kd_loss(config.kd, mixing=config.augment.mixing)
   steps_per_epoch = len(splits.train_images) // config.train.batch_size
   tx = build_optimizer(config.train, steps_per_epoch=steps_per_epoch)
   run_dir = Workdir(workdir, config)
@@ -211,21 +301,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   calibration_temperature = teacher_temperature(config.kd.teacher, config.kd.teacher_calibration)
   frozen = {key: teacher_state[key] for key in ("params", "model_state")}
+  use_crd = config.kd.loss == "crd"
   teacher_apply = make_teacher_apply(teacher_net, parallel.replicate(frozen, mesh),
-                                     temperature=calibration_temperature)
-  batch_transform = make_kd_batch_transform(teacher_apply, config.augment, num_classes=splits.num_classes)
+                                     temperature=calibration_temperature, features=use_crd)
+  batch_transform = make_kd_batch_transform(teacher_apply, config.augment, num_classes=splits.num_classes,
+                                            teacher_features=use_crd)
+  initial_loss_state = None
+  if use_crd:
+    loss_fn, nce_k = make_crd_loss(config.kd, mixing=config.augment.mixing, train_labels=splits.train_labels)
+    # A finished run's final checkpoint holds no CRD state (module docstring).
+    if run_dir.checkpoints.latest_step() != config.train.epochs:
+      initial_loss_state = init_crd_state(jax.random.fold_in(jax.random.key(config.seed), 3), config.kd.crd,
+                                          net=net, teacher_apply=teacher_apply, images=splits.train_images,
+                                          tx=tx)
+  else:
+    loss_fn = make_kd_loss(config.kd, mixing=config.augment.mixing)
 
   def validate(epoch, state):
-    del epoch
     logits = step_lib.predict(predict_fn, state["params"], state["model_state"], splits.val_images,
                               batch_size=config.eval_batch_size, mesh=mesh)
-    return {"val_accuracy": float(np.mean(logits.argmax(-1) == splits.val_labels))}
+    record = {"val_accuracy": float(np.mean(logits.argmax(-1) == splits.val_labels))}
+    if use_crd and epoch == config.train.epochs:
+      record["loss_state"] = {}  # drop CRD's heads and banks before the final checkpoint (module docstring)
+    return record
 
   spec = LoopSpec(epochs=config.train.epochs, batch_size=config.train.batch_size, seed=config.seed,
                   checkpoint_every=config.train.checkpoint_every,
                   description=f"kd {teacher_config.model.name} -> {config.model.name}")
   state = fit(net, loss_fn=loss_fn, tx=tx, images=splits.train_images, labels=splits.train_labels, spec=spec,
-              mesh=mesh, workdir=run_dir, batch_transform=batch_transform, end_of_epoch=validate)
+              mesh=mesh, workdir=run_dir, batch_transform=batch_transform, end_of_epoch=validate,
+              initial_loss_state=initial_loss_state, with_indices=use_crd)
   results = calibrate_and_report(
       logits_fn=make_logits_fn(net, state, mesh, config.eval_batch_size), val_images=splits.val_images,
       val_labels=splits.val_labels, test_images=splits.test_images, test_labels=splits.test_labels,
@@ -235,6 +340,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results["teacher"] = {"workdir": os.path.abspath(config.kd.teacher), "method": teacher_config.method,
                         "model": teacher_config.model.name, "calibration": config.kd.teacher_calibration,
                         "calibration_temperature": calibration_temperature}
+  if use_crd:
+    results["crd"] = {"nce_k": nce_k, "n_data": len(splits.train_images)}
   results["budget"] = {"epochs": config.train.epochs, "train_examples": len(splits.train_images),
                        "val_examples": len(splits.val_images), "test_examples": len(splits.test_images),
                        "seed": config.seed, "devices": mesh.size,

@@ -42,16 +42,16 @@ class LoopSpec:
   description: str = "train"
 
 
-def fit(net: Network, *, loss_fn: step_lib.LossFn, tx: optax.GradientTransformation, images: np.ndarray,
-        labels: np.ndarray, spec: LoopSpec, mesh: Mesh, workdir: Workdir | None = None,
+def fit(net: Network, *, loss_fn: step_lib.LossFn | step_lib.FeatureLoss, tx: optax.GradientTransformation,
+        images: np.ndarray, labels: np.ndarray, spec: LoopSpec, mesh: Mesh, workdir: Workdir | None = None,
         batch_transform: step_lib.BatchTransform | None = None,
         end_of_epoch: Callable[[int, step_lib.TrainState], dict] | None = None,
-        initial_loss_state: Any = None) -> step_lib.TrainState:
+        initial_loss_state: Any = None, with_indices: bool = False) -> step_lib.TrainState:
   """Trains `net` on (images, labels) and returns the final train state.
 
   Args:
     net: the model.
-    loss_fn: `(logits, labels, loss_state) -> scalar`.
+    loss_fn: `(logits, labels, loss_state) -> scalar`, or a `step.FeatureLoss`.
     tx: optax optimiser (its schedule counts optimiser steps).
     images: (N, H, W, C) host array, already normalised.
     labels: (N,) int host array.
@@ -62,6 +62,8 @@ def fit(net: Network, *, loss_fn: step_lib.LossFn, tx: optax.GradientTransformat
     end_of_epoch: `(epoch, state) -> dict` of extra metrics to log (validation accuracy, ...); it may also
       return a "loss_state" entry to replace the state of a stateful loss (AdaFocal).
     initial_loss_state: initial state of a stateful loss.
+    with_indices: also pass each batch's positions in `images` as "index" ((B,) int32), for losses that keep
+      per-sample state (CRD's memory banks).
   """
   parallel.check_batch_size(spec.batch_size, mesh)
   if len(images) < spec.batch_size:
@@ -83,7 +85,10 @@ def fit(net: Network, *, loss_fn: step_lib.LossFn, tx: optax.GradientTransformat
       order = batch_indices(len(images), spec.batch_size, seed=spec.seed, epoch=epoch, drop_remainder=True)
       sums = None
       for idx in order:
-        batch = parallel.shard_batch({"images": images[idx], "labels": labels[idx]}, mesh)
+        batch = {"images": images[idx], "labels": labels[idx]}
+        if with_indices:
+          batch["index"] = idx.astype(np.int32)
+        batch = parallel.shard_batch(batch, mesh)
         state, metrics = train_step(state, step_key, batch)
         sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
         progress.update()

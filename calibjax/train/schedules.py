@@ -11,8 +11,8 @@ def make_schedule(name: str, *, base_lr: float, epochs: int, steps_per_epoch: in
 
   Args:
     name: "constant"; "half" (×factor once after epochs // 2 epochs: the dataset-distillation evaluation
-      protocol's single decay; a 1-epoch run has none); "multistep" (×factor after each epoch in `milestones`, e.g. RepDistiller's
-      150/180/210); "cosine" (cosine annealing to 0 over all epochs, optional linear warm-up).
+      protocol's single decay; a 1-epoch run has none); "multistep" (×factor after each epoch in `milestones`,
+      e.g. RepDistiller's 150/180/210); "cosine" (cosine annealing to 0 over all epochs, optional linear warm-up).
     base_lr: initial learning rate.
     epochs: total epochs of the run.
     steps_per_epoch: optimiser steps per epoch.
