@@ -95,6 +95,42 @@ def train_config(*, epochs: int, batch_size: int = 256, lr: float = 0.01, schedu
   return c
 
 
+# The knowledge-distillation protocol per dataset: (epochs, train_per_class, val_per_class, batch, lr,
+# (small, large) model of the teacher/student pair). CIFAR-100 is RepDistiller's recipe; Fashion-MNIST is the
+# CPU budget (configs/kd.py says how long it takes).
+KD_PROTOCOLS = {
+    "cifar100": (240, 0, 50, 64, 0.05, ("resnet8x4", "resnet32x4")),
+    "fashion_mnist": (15, 1000, 500, 128, 0.05, ("wrn_16_2", "wrn_40_2")),
+}
+# RepDistiller's lr for these students (0.01 instead of 0.05), and its decay epochs (of 240).
+KD_SMALL_LR_MODELS = ("mobilenetv2", "shufflev1", "shufflev2")
+REPDISTILLER_MILESTONES = (150, 180, 210)
+
+
+def kd_protocol(dataset: str, *, model: str, epochs: int = 0) -> tuple[ml_collections.ConfigDict, int, int]:
+  """The KD training protocol of `dataset` (Fashion-MNIST's for a dataset without one of its own).
+
+  SGD momentum 0.9, wd 5e-4, the dataset's batch and lr (0.01 for `KD_SMALL_LR_MODELS`), lr ×0.1 at
+  RepDistiller's epochs 150/180/210 of 240, scaled to `epochs`. Teachers, KD students and directly calibrated
+  students share it, so a table compares losses, not recipes.
+
+  Args:
+    dataset: data.name.
+    model: the network trained (its lr).
+    epochs: 0 = the dataset's.
+
+  Returns:
+    (train config, data.train_per_class, data.val_per_class).
+  """
+  default_epochs, train_per_class, val_per_class, batch_size, lr, _ = KD_PROTOCOLS.get(
+      dataset, KD_PROTOCOLS["fashion_mnist"])
+  epochs = epochs or default_epochs
+  train = train_config(epochs=epochs, batch_size=batch_size, lr=0.01 if model in KD_SMALL_LR_MODELS else lr,
+                       schedule="multistep",
+                       milestones=tuple(max(1, round(m * epochs / 240)) for m in REPDISTILLER_MILESTONES))
+  return train, train_per_class, val_per_class
+
+
 def loss_config(name: str) -> ml_collections.ConfigDict:
   """`name` plus that loss's hyperparameters at their defaults, so `--config.loss.hparams.gamma=3` is typed.
 

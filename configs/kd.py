@@ -44,8 +44,8 @@ CalibrationXferViaKD). Paper 004 trains with lr 0.1 and cosine annealing instead
 Fashion-MNIST = the CPU budget: wrn_16_2 student (the zoo pair wrn_40_2 -> wrn_16_2 scaled to 28 px),
 1000 training images per class, 15 epochs, batch 128, lr 0.05 x0.1 at epochs 9/11/13 (the RepDistiller
 milestones scaled); about half an hour per student on 2 CPU cores with a wrn_40_2 teacher (an estimate from
-the models' FLOPs). Its teacher is a `train` run (configs/train.py) of wrn_40_2 on the same data
-(dataset=fashion_mnist, train_per_class=1000), with loss=ce for KD(UC) or a calibration loss for KD(C).
+the models' FLOPs). Its teacher is a `train` run of wrn_40_2 with the same protocol and data
+(`configs/train.py:protocol=kd,model=wrn_40_2`), with loss=ce for KD(UC) or a calibration loss for KD(C).
 The teacher must use the student's data settings (name, normalize, zca) and, to keep the student's validation
 split unseen by the teacher, the same seed and data.val_per_class.
 
@@ -75,13 +75,6 @@ RECIPES = {  # recipe -> (loss, mixing, whether the student is the larger model 
 LOSS_DEFAULTS = {"kd": (0.9, 4.0), "scaled_kd": (0.5, 50.0), "cxkd": (0.9, 20.0), "crd": (0.0, 4.0)}
 # RepDistiller's CRD settings (train_student.py defaults; -b 0.8 from scripts/run_cifar_distill.sh).
 CRD_DEFAULTS = {"weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5}
-SMALL_LR_STUDENTS = ("mobilenetv2", "shufflev1", "shufflev2")
-# dataset -> (epochs, train_per_class, val_per_class, batch, lr, (small, large) model of the pair)
-DATASETS = {
-    "cifar100": (240, 0, 50, 64, 0.05, ("resnet8x4", "resnet32x4")),
-    "fashion_mnist": (15, 1000, 500, 128, 0.05, ("wrn_16_2", "wrn_40_2")),
-}
-REPDISTILLER_MILESTONES = (150, 180, 210)  # of 240 epochs
 
 
 def get_config(arg=None):
@@ -94,21 +87,16 @@ def get_config(arg=None):
   loss, mixing = preset.loss or loss, preset.mixing or mixing
   if loss not in LOSS_DEFAULTS:
     raise ConfigError(f"unknown KD loss '{loss}'; choose one of: {', '.join(LOSS_DEFAULTS)}")
-  defaults = DATASETS.get(preset.dataset, DATASETS["fashion_mnist"])
-  epochs, per_class, val_per_class, batch_size, lr, pair = defaults
+  pair = config_lib.KD_PROTOCOLS.get(preset.dataset, config_lib.KD_PROTOCOLS["fashion_mnist"])[-1]
   student = preset.student or pair[large_student]
-  epochs = preset.epochs or epochs
 
   c = config_lib.base_config()
   c.method = "kd"
   c.seed = preset.seed
   c.data.name = preset.dataset
+  c.train, per_class, c.data.val_per_class = config_lib.kd_protocol(preset.dataset, model=student,
+                                                                    epochs=preset.epochs)
   c.data.train_per_class = preset.train_per_class or per_class
-  c.data.val_per_class = val_per_class
-  c.train = config_lib.train_config(
-      epochs=epochs, batch_size=batch_size, lr=0.01 if student in SMALL_LR_STUDENTS else lr,
-      schedule="multistep",
-      milestones=tuple(max(1, round(m * epochs / 240)) for m in REPDISTILLER_MILESTONES))
 
   alpha, temperature = LOSS_DEFAULTS[loss]
   c.kd = ml_collections.ConfigDict()
@@ -126,7 +114,8 @@ def get_config(arg=None):
     c.augment.mixup_alpha = 0.4  # paper 004's Beta(0.4, 0.4); CutMix keeps Beta(1, 1), probability 0.5
 
   if preset.smoke:
-    config_lib.smoke_training(c, dataset="digits" if preset.dataset in DATASETS else preset.dataset)
+    smoke_dataset = "digits" if preset.dataset in config_lib.KD_PROTOCOLS else preset.dataset
+    config_lib.smoke_training(c, dataset=smoke_dataset)
     c.train.milestones = ()
     if not preset.student:
       student = "resnet8"

@@ -168,3 +168,22 @@ def test_teacher_with_other_data_settings_is_refused():
   check_teacher_data(student, ml_collections.ConfigDict(dict(student)))
   with pytest.raises(ConfigError, match="data.zca=True"):
     check_teacher_data(student, ml_collections.ConfigDict(dict(student, zca=True)))
+
+
+def test_train_protocol_kd_matches_the_kd_students_protocol():
+  """Teachers and directly trained students (configs/train.py protocol=kd) get the KD student's recipe."""
+  from configs import kd as kd_config
+  from configs import train as train_config
+  for dataset, model in (("fashion_mnist", "wrn_16_2"), ("cifar100", "resnet8x4"), ("cifar100", "shufflev1")):
+    student = kd_config.get_config(f"teacher=t,dataset={dataset},student={model},epochs=24")
+    direct = train_config.get_config(f"protocol=kd,dataset={dataset},model={model},epochs=24")
+    assert direct.train.to_dict() == student.train.to_dict()
+    assert direct.data.to_dict() == student.data.to_dict()
+  assert direct.train.lr == 0.01 and direct.train.milestones == (15, 18, 21)  # shufflev1: RepDistiller's lr
+  fmnist = train_config.get_config("protocol=kd,model=wrn_40_2")
+  assert (fmnist.train.epochs, fmnist.train.batch_size, fmnist.data.train_per_class) == (15, 128, 1000)
+  assert train_config.get_config("").train.to_dict() == {  # protocol=dd, the default, is unchanged
+      "epochs": 20, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
+      "schedule": "half", "milestones": (), "checkpoint_every": 1}
+  with pytest.raises(ConfigError, match="protocol"):
+    train_config.get_config("protocol=repdistiller")
