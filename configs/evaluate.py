@@ -8,8 +8,8 @@ dataset (baselines; a distilled set brings its own data config), num_nets (K, 5)
 `epoch_eval_train`: 300 for DC without augmentation, 1000 with DSA; the networks train epochs + 1 passes),
 budget (paper: 1000 epochs, TS/MTS fitted on the whole held-out validation split; cpu: 300 epochs, 100
 validation images per class), loss (ce, label_smoothing, focal, ...: the paper's train-time baselines
-are label_smoothing and focal, whose defaults are the paper's 0.1 and γ = 1), mixing (none, mixup: α = 1 as the MTS fork), dsa (DSA augmentation,
-on by default as DSA/DM/MTT evaluate), learned_lr (MTT: train with the set's learned lr), seed, smoke.
+are label_smoothing and focal, whose defaults are the paper's 0.1 and γ = 1), mixing (none, mixup: α = 1 as
+the MTS fork), dsa (DSA augmentation, on by default as DSA/DM/MTT evaluate), learned_lr (MTT: train with the set's learned lr), seed, smoke.
 
 Herding needs `--config.evaluate.herding_model=<workdir of a finished train run on the same data>`: its
 embedding selects the examples (DC/DSA/DM embed with a network trained on the real data).

@@ -5,10 +5,10 @@ The training set is a distilled set (`evaluate.source` = a `distill` workdir or 
 baseline at the same IPC drawn from the real training split (`evaluate.baseline` = "random" or "herding").
 
 Protocol (DC/DSA/DM `evaluate_synset`, algorithms.md §3.5 and §1.5): a fresh network per seed; SGD momentum 0.9,
-coupled weight decay 5e-4, lr `evaluate.lr` (0.01; `evaluate.learned_lr` takes an MTT set's learned lr), batch 256 over a
-per-network shuffle without dropping the last partial batch; `epochs + 1` passes with the lr ×0.1 from pass
-`epochs // 2 + 1` on, exactly the reference's `Epoch + 1` loop; DSA augmentation (per-sample parameters) by
-default; test once at the end. The reference seeds its evaluation networks from the wall clock (DC) or with
+coupled weight decay 5e-4, lr `evaluate.lr` (0.01; `evaluate.learned_lr` takes an MTT set's learned lr), batch
+256 over a per-network shuffle without dropping the last partial batch; `epochs + 1` passes with the lr ×0.1
+from pass `epochs // 2 + 1` on, exactly the reference's `Epoch + 1` loop; DSA augmentation (per-sample
+parameters) by default; test once at the end. The reference seeds its evaluation networks from the wall clock (DC) or with
 one fixed seed (the MTS fork); here network k starts from `fold_in(root, k)`, so every number is reproducible
 and the K networks differ.
 
