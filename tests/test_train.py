@@ -78,10 +78,23 @@ def test_predict_pads_the_last_batch_and_keeps_order():
   net = models.build("convnet", num_classes=2, input_shape=(8, 8, 1), width=4, depth=1)
   params, state = net.init(jax.random.key(0))
   mesh = parallel.make_mesh()
-  batched = step_lib.predict(step_lib.make_predict_fn(net, mesh), params, state, images, batch_size=16, mesh=mesh)
+  predict_fn = step_lib.make_predict_fn(net, mesh)
+  batch_shapes = []
+
+  def recording_predict_fn(params, state, chunk):
+    batch_shapes.append(chunk.shape[0])
+    return predict_fn(params, state, chunk)
+
+  batched = step_lib.predict(recording_predict_fn, params, state, images, batch_size=16, mesh=mesh)
   direct = np.asarray(net.apply(params, state, images)[0])
   assert batched.shape == (37, 2)
   np.testing.assert_allclose(batched, direct, rtol=1e-5, atol=1e-6)
+  assert batch_shapes == [16, 16, 16]
+  # A split smaller than the batch runs as one batch of its own size (rounded up to the mesh), not padded to 16.
+  batch_shapes.clear()
+  small = step_lib.predict(recording_predict_fn, params, state, images[:5], batch_size=16, mesh=mesh)
+  np.testing.assert_allclose(small, direct[:5], rtol=1e-5, atol=1e-6)
+  assert batch_shapes == [-(-5 // mesh.size) * mesh.size]
 
 
 def test_four_devices_match_one_device():

@@ -131,12 +131,15 @@ def make_predict_fn(net: Network, mesh: Mesh):
 
 
 def predict(predict_fn, params, model_state, images: np.ndarray, *, batch_size: int, mesh: Mesh) -> np.ndarray:
-  """Logits for all `images` (host numpy), in fixed-size batches so the function compiles once.
+  """Logits for all `images` (host numpy), in fixed-size batches so the function compiles once per split size.
 
-  The last batch is padded with zeros and the padding is dropped from the result.
+  The batch is `batch_size` (rounded down to a multiple of the mesh size), or `len(images)` rounded up to one
+  when that is smaller, so a small split (validation halves, a 500-image validation set) is not padded to a
+  full evaluation batch. The last batch is padded with zeros and the padding is dropped from the result.
   """
-  batch_size = max(mesh.size, batch_size - batch_size % mesh.size)
   n = len(images)
+  batch_size = max(mesh.size, batch_size - batch_size % mesh.size)
+  batch_size = min(batch_size, -(-n // mesh.size) * mesh.size)
   outputs = []
   for start in range(0, n, batch_size):
     chunk = np.asarray(images[start:start + batch_size])
