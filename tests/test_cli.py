@@ -70,6 +70,16 @@ def test_smoke_run_writes_every_artifact(tmp_path, config):
 
 
 @pytest.mark.slow
+def test_train_without_per_epoch_validation(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = cli("--config=configs/train.py:smoke", "--config.train.validate_each_epoch=False", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = read_metrics(workdir)
+  assert [r["epoch"] for r in records] == [1, 2] and not any("val_accuracy" in r for r in records)
+  assert read_json(os.path.join(workdir, "results.json"))["ts"]["temperature"] > 0
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
   args = ["--config=configs/train.py:smoke", "--config.train.epochs=12", "--config.data.val_per_class=40"]
   reference = str(tmp_path / "uninterrupted")
@@ -119,6 +129,8 @@ def test_missing_dataset(tmp_path):
     (["--config=configs/train.py:smoke,model=resnet9000"], ["unknown model 'resnet9000'"]),
     (["--config=configs/train.py:smoke", "--config.method=distil"], ["unknown method 'distil'"]),
     (["--config=configs/missing.py"], ["cannot load the config file"]),
+    (["--config=configs/train.py:smoke,loss=adafocal", "--config.train.validate_each_epoch=False"],
+     ["loss adafocal", "validate_each_epoch=True"]),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, fragments):
   assert_one_line_error(cli(*args, workdir=str(tmp_path / "run")), *fragments)

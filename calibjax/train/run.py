@@ -18,7 +18,7 @@ from calibjax.data.prepare import Splits, prepare
 from calibjax.train import schedules
 from calibjax.train import step as step_lib
 from calibjax.train.loop import LoopSpec, fit
-from calibjax.errors import CheckpointError
+from calibjax.errors import CheckpointError, ConfigError
 from calibjax.train.checkpoint import Checkpointer
 from calibjax.train.workdir import Workdir
 
@@ -60,6 +60,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loss_fn, loss_state, update_loss_state = make_train_loss(config.loss)
   steps_per_epoch = len(splits.train_images) // config.train.batch_size
   tx = build_optimizer(config.train, steps_per_epoch=steps_per_epoch)
+  if update_loss_state is not None and not config.train.validate_each_epoch:
+    raise ConfigError(f"loss {config.loss.name} updates its state from validation logits after every epoch; "
+                      "keep --config.train.validate_each_epoch=True")
   run_dir = Workdir(workdir, config)
   predict_fn = step_lib.make_predict_fn(net, mesh)
 
@@ -76,7 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   checkpoint_every=config.train.checkpoint_every, description=f"train {config.model.name}")
   batch_transform = make_batch_transform(config.augment, num_classes=splits.num_classes)
   state = fit(net, loss_fn=loss_fn, tx=tx, images=splits.train_images, labels=splits.train_labels, spec=spec,
-              mesh=mesh, workdir=run_dir, batch_transform=batch_transform, end_of_epoch=validate,
+              mesh=mesh, workdir=run_dir, batch_transform=batch_transform,
+              end_of_epoch=validate if config.train.validate_each_epoch else None,
               initial_loss_state=loss_state)
   logits_fn = make_logits_fn(net, state, mesh, config.eval_batch_size)
   results = calibrate_and_report(
