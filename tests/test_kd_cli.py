@@ -81,6 +81,27 @@ def test_kd_then_scaled_kd_mixup_from_the_kd_student(tmp_path, teacher):
   assert config["augment"]["mixing"] == "mixup" and config["augment"]["mixup_alpha"] == 0.4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("presets, loss, mixing", [
+    ("recipe=kd_uc", "cxkd", "none"),
+    ("recipe=kd_c,teacher_cal=mts", "cxkd", "none"),
+    ("recipe=reverse", "kd", "none"),
+    ("recipe=aug,mixing=cutmix", "scaled_kd", "cutmix"),
+    ("recipe=aug,mixing=cutout", "scaled_kd", "cutout"),
+])
+def test_every_recipe_runs_from_the_cli(tmp_path, teacher, presets, loss, mixing):
+  """The recipes not run above, each with its own loss and mixing (a ConvNet student: the fastest compile)."""
+  workdir = str(tmp_path / "student")
+  result = cli(f"--config=configs/kd.py:smoke,student=convnet,{presets},teacher={teacher}", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = check_results(workdir, teacher)
+  config = read_json(os.path.join(workdir, "config.json"))
+  assert (config["kd"]["loss"], config["augment"]["mixing"]) == (loss, mixing)
+  if "teacher_cal=mts" in presets:
+    assert results["teacher"]["calibration_temperature"] == read_json(
+        os.path.join(teacher, "results.json"))["mts"]["temperature"]
+
+
 @pytest.mark.parametrize("teacher_arg", ["does/not/exist", ""])
 def test_bad_teacher_path_is_one_line_error(tmp_path, teacher_arg):
   result = cli(f"--config=configs/kd.py:smoke,teacher={teacher_arg}", workdir=str(tmp_path / "bad"))
