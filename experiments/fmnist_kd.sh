@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Knowledge distillation with calibration on Fashion-MNIST (papers 003 and 004), then the results table:
+#   bash experiments/fmnist_kd.sh          # runs what is missing (every run resumes), then writes the table
+# Budget (environment variables; the defaults are the CPU budget of the committed table):
+#   TEACHER, STUDENT: the zoo pair; EPOCHS, PER_CLASS: epochs and training images per class of every run
+#   (configs/train.py protocol=kd = configs/kd.py's protocol); VAL_PER_CLASS: the held-out validation images
+#   per class (TS / MTS fits, best-epoch selection); CALIBRATORS: the teacher / direct-student calibration
+#   losses (mixup and TS always run); SEEDS: the seeds each row is repeated over; BASELINES=0 runs only the
+#   rows of CALIBRATORS (teacher, direct student, KD(C)), e.g. to add calibrators to a finished table;
+#   ONLY="row ..." runs only those rows (a KD row needs its teacher's row); EXTRA: --config flags for every run.
+# Runs go to $RUNS (runs/fmnist_kd/<row>_s<seed>); the table to $TABLE (experiments/results/fmnist_kd.md).
+#   The committed supplement: CALIBRATORS="mmce adafocal" BASELINES=0 RUNS=runs/fmnist_kd_more \
+#     TABLE=experiments/results/fmnist_kd_mmce_adafocal.md bash experiments/fmnist_kd.sh
+# Per seed: teachers and directly trained students with each calibration loss (the same protocol); KD(UC) from
+# the NLL teacher; KD(C) from each calibrated teacher and from the NLL teacher with its TS temperature; paper
+# 004's scaled KD alone and with cutout / mixup / CutMix; reverse KD; 3 generations of self-distillation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+TEACHER=${TEACHER:-resnet20}
+STUDENT=${STUDENT:-resnet8}
+EPOCHS=${EPOCHS:-30}
+PER_CLASS=${PER_CLASS:-50}
+VAL_PER_CLASS=${VAL_PER_CLASS:-50}
+SEEDS=${SEEDS:-"0 1 2"}
+RUNS=${RUNS:-runs/fmnist_kd}
+TABLE=${TABLE:-experiments/results/fmnist_kd.md}
+BASELINES=${BASELINES:-1}
+ONLY=${ONLY:-}
+read -r -a EXTRA <<< "${EXTRA:-}"
+read -r -a CALIBRATORS <<< "${CALIBRATORS:-mdca focal label_smoothing}"  # + mixup, a mixing, not a loss
+mkdir -p "$RUNS" experiments/results
+
+# Runs `python -m calibjax.main ... --workdir $1` unless that workdir already has its results.json or ONLY
+# leaves its row out.
+main() {
+  local workdir=$1; shift
+  local row; row=$(basename "$workdir"); row=${row%_s*}
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $row "* ]]; then return 0; fi
+  [ -f "$workdir/results.json" ] || "$PY" -m calibjax.main "$@" --config.data.val_per_class="$VAL_PER_CLASS" \
+      "${EXTRA[@]}" --workdir "$workdir"
+}
+table() { "$PY" experiments/make_kd_table.py "$RUNS" > "$TABLE.tmp" && mv "$TABLE.tmp" "$TABLE"; }
+budget="dataset=fashion_mnist,epochs=$EPOCHS,train_per_class=$PER_CLASS"
+train() {  # row, seed, model, extra presets
+  main "$RUNS/${1}_s$2" --config "configs/train.py:protocol=kd,$budget,seed=$2,model=$3$4"
+}
+kd() {  # row, seed, teacher row, presets
+  main "$RUNS/${1}_s$2" --config "configs/kd.py:$budget,seed=$2,teacher=$RUNS/${3}_s$2,$4"
+}
+
+for seed in $SEEDS; do
+  for role in teacher student; do
+    model=$TEACHER; [ $role = student ] && model=$STUDENT
+    for loss in "${CALIBRATORS[@]}"; do train "${role}_$loss" "$seed" "$model" ",loss=$loss"; done
+    [ "$BASELINES" = 1 ] || continue
+    train "${role}_ce" "$seed" "$model" ""
+    train "${role}_mixup" "$seed" "$model" ",mixing=mixup"
+  done
+  for calibrator in "${CALIBRATORS[@]}"; do
+    kd "kd_c_$calibrator" "$seed" "teacher_$calibrator" "recipe=kd_c,student=$STUDENT"
+  done
+  if [ "$BASELINES" = 1 ]; then
+    kd kd_uc "$seed" teacher_ce "recipe=kd_uc,student=$STUDENT"
+    kd kd_c_ts "$seed" teacher_ce "recipe=kd_c,student=$STUDENT,teacher_cal=ts"
+    kd kd_c_mixup "$seed" teacher_mixup "recipe=kd_c,student=$STUDENT"
+    for mixing in none cutout mixup cutmix; do
+      kd "aug_$mixing" "$seed" teacher_ce "recipe=aug,student=$STUDENT,mixing=$mixing"
+    done
+    kd reverse "$seed" student_ce "recipe=reverse,student=$TEACHER"
+    previous=student_ce  # generation 0: the directly trained student
+    for generation in 1 2 3; do
+      kd "self_gen$generation" "$seed" "$previous" "recipe=self,student=$STUDENT"
+      previous=self_gen$generation
+    done
+  fi
+  table
+done
