@@ -205,6 +205,6 @@ def test_train_protocol_kd_matches_the_kd_students_protocol():
   assert (fmnist.train.epochs, fmnist.train.batch_size, fmnist.data.train_per_class) == (15, 128, 1000)
   assert train_config.get_config("").train.to_dict() == {  # protocol=dd, the default, is unchanged
       "epochs": 20, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
-      "schedule": "half", "milestones": (), "checkpoint_every": 1}
+      "schedule": "half", "milestones": (), "checkpoint_every": 1, "validate_each_epoch": True}
   with pytest.raises(ConfigError, match="protocol"):
     train_config.get_config("protocol=repdistiller")
