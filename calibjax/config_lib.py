@@ -93,7 +93,7 @@ def train_config(*, epochs: int, batch_size: int = 256, lr: float = 0.01, schedu
   c.milestones = tuple(milestones)  # epochs after which the lr is ×0.1 (multistep)
   c.checkpoint_every = 1  # epochs between checkpoints (a killed run resumes from the last one)
   # `train` runs: validation accuracy after every epoch (logged only; AdaFocal needs it for its state). Off saves
-  # a forward pass over the validation split per epoch. `kd` runs always validate (their best epoch).
+  # a forward pass over the validation split per epoch. `kd` runs always validate (their best epoch) and refuse False.
   c.validate_each_epoch = True
   return c
 

@@ -131,6 +131,8 @@ def test_missing_dataset(tmp_path):
     (["--config=configs/missing.py"], ["cannot load the config file"]),
     (["--config=configs/train.py:smoke,loss=adafocal", "--config.train.validate_each_epoch=False"],
      ["loss adafocal", "validate_each_epoch=True"]),
+    (["--config=configs/kd.py:smoke", "--config.train.validate_each_epoch=False"],
+     ["kd runs validate after every epoch", "validate_each_epoch=False"]),
 ])
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, args, fragments):
   assert_one_line_error(cli(*args, workdir=str(tmp_path / "run")), *fragments)

@@ -289,6 +289,9 @@ def best_epoch(metrics_path: str) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config.model` from the teacher at `config.kd.teacher`; writes results.json (module docstring)."""
+  if not config.train.validate_each_epoch:  # the shared train block has the switch; kd cannot honour it
+    raise ConfigError("kd runs validate after every epoch to report their best epoch; drop "
+                      "--config.train.validate_each_epoch=False")
   teacher_config, _, teacher_net, teacher_state = restore_teacher(config.kd.teacher)
   check_teacher_data(config.data, teacher_config.data)
   splits: Splits = prepare(config.data, seed=config.seed)
