@@ -8,6 +8,8 @@ second-order graph, so compiled functions are cached and built at LLVM -O0 (same
 
 import dataclasses
 import functools
+import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -166,7 +168,7 @@ def test_batch_plan_chunks_permutations_short_chunk_first():
 # ------------------------------------------------------------------------------------------ learned lr
 
 
-def test_log_lr_update_is_the_reference_raw_lr_step_to_first_order_and_stays_positive():
+def test_log_lr_update_is_the_reference_raw_lr_step_to_first_order_and_stays_positive_and_finite():
   tx = mtt.lr_optimizer(dataclasses.replace(BASE, lr_lr=1e-5))
   lr, g_raw = 0.01, 3.0
   log_lr, state = jnp.log(jnp.float32(lr)), tx.init(jnp.float32(0.0))
@@ -182,6 +184,9 @@ def test_log_lr_update_is_the_reference_raw_lr_step_to_first_order_and_stays_pos
   log_lr, _ = mtt.update_log_lr(big, jnp.log(jnp.float32(0.01)), jnp.float32(20 * 0.01),
                                 big.init(jnp.float32(0)))
   assert float(jnp.exp(log_lr)) == pytest.approx(0.01 * np.exp(-2.0), rel=1e-5)
+  # An increase is the reference's additive step, also from an lr near zero (a multiplicative one overflows).
+  log_lr, _ = mtt.update_log_lr(big, jnp.log(jnp.float32(1e-8)), jnp.float32(-3.0 * 1e-8), big.init(jnp.float32(0)))
+  assert float(jnp.exp(log_lr)) == pytest.approx(1e-8 + 3e-3, rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- distiller
@@ -227,3 +232,15 @@ def test_default_config_uses_the_reference_table_and_argparse_defaults():
   assert mtt.scan_unroll(dataclasses.replace(BASE, unroll="rolled")) == 1
   assert mtt.scan_unroll(dataclasses.replace(BASE, unroll="full")) is True
   assert matching.mdt_ratio(jax.random.key(0), dataclasses.replace(BASE, mdt="fixed")) == pytest.approx(0.1)
+
+
+def test_cpu_budget_minibatches_the_ipc10_student_steps_only():
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "distill.py")
+  spec = importlib.util.spec_from_file_location("distill_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  budgets = {ipc: module.get_config(f"method=mtt,ipc={ipc},budget=cpu").distill for ipc in (1, 10)}
+  assert [(d.iterations, d.mtt.batch_syn, d.mtt.syn_steps) for d in budgets.values()] == [(200, 0, 20),
+                                                                                           (200, 10, 20)]
+  paper = module.get_config("method=mtt,ipc=10").distill
+  assert (paper.iterations, paper.mtt.batch_syn) == (5000, 0)

@@ -18,9 +18,9 @@ One distillation ITERATION (the reference's distill.py loop body), from one key:
 Learned lr. The synthetic set stores `log_lr` and the student uses lr = exp(log_lr), so the lr stays positive
 (the reference optimises the raw lr, nothing clamps it and it can turn negative: mtt-distillation#16). To keep
 the reference's `lr_lr` values meaningful, the momentum SGD runs on the RAW-lr gradient g = ∂L/∂lr and is
-applied multiplicatively: buf ← m·buf + g, lr ← lr·exp(−lr_lr·buf/lr), i.e. log_lr ← log_lr − lr_lr·buf/lr.
-To first order in the step this is the reference's lr ← lr − lr_lr·buf; it differs only where the reference
-would drive lr towards or below zero. Gradients reach the lr through every student step.
+applied as the reference's step: buf ← m·buf + g, u = −lr_lr·buf, lr ← lr + u when u ≥ 0, and lr ← lr·exp(u/lr)
+(the same to first order, always positive) when u < 0; it differs only where the reference would drive lr
+towards or below zero (`update_log_lr`). Gradients reach the lr through every student step.
 
 Minibatches. When batch_syn does not divide n = C·ipc (Tiny ImageNet IPC 50: 10000 / 300), the reference's
 permutation split has one short chunk, which its `pop()` takes first. Here each permutation is laid out as
@@ -360,13 +360,17 @@ def lr_optimizer(config: MTTConfig) -> optax.GradientTransformation:
 
 def update_log_lr(tx: optax.GradientTransformation, log_lr: jax.Array, grad_log_lr: jax.Array,
                   opt_state: Any) -> tuple[jax.Array, Any]:
-  """log_lr ← log_lr + u / lr, u the momentum-SGD update of the raw lr for g = ∂L/∂lr = (∂L/∂log_lr) / lr.
+  """The reference's raw-lr step lr ← lr + u, except that a decrease is applied as lr ← lr·exp(u / lr).
 
-  To first order this is the reference's raw-lr step lr ← lr + u, and the lr stays positive.
+  u is the momentum-SGD update of the raw lr for g = ∂L/∂lr = (∂L/∂log_lr) / lr. An increase is the reference's
+  step exactly (log_lr ← log_lr + log1p(u / lr)); a decrease agrees with it to first order and keeps the lr
+  positive where the reference would drive it to or below zero. (A multiplicative increase would blow up:
+  from an lr near zero, u / lr is huge.)
   """
   lr = jnp.exp(log_lr)
   update, opt_state = tx.update(grad_log_lr / lr, opt_state)
-  return log_lr + update / lr, opt_state
+  relative = update / lr
+  return log_lr + jnp.where(relative >= 0, jnp.log1p(jnp.maximum(relative, 0.0)), relative), opt_state
 
 
 def make_iteration(net: Network, config: MTTConfig, labels: jax.Array) -> Callable[..., tuple[dict, dict]]:
