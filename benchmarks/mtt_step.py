@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/mtt_step.py                 # N = 10/20/40/80, memory none/remat/tesla
     .venv/bin/python benchmarks/mtt_step.py --quick         # smoke run: width 16, IPC 1, N = 2/4
     .venv/bin/python benchmarks/mtt_step.py --unroll rolled --repeats 0   # compile + XLA memory only
+    .venv/bin/python benchmarks/mtt_step.py --ipc 1         # 10 images per student step
 
 Setting: Fashion-MNIST (28 x 28 x 1, 10 classes) normalised with the references' fixed statistics; ConvNet-3
-(width 128, instance norm, PyTorch-default init); IPC 10 initialised from real training images; batch_syn =
-the whole set (100 images per student step, the reference default); DSA color_crop_cutout_flip_scale_rotate
-(non-Siamese, align_corners=True); no MDT; expert_epochs 2, max_start_epoch 2. The expert trajectories are
+(width 128, instance norm, PyTorch-default init); IPC 10 (`--ipc`) initialised from real training images;
+batch_syn = the whole set (100 images per student step at IPC 10, the reference default); DSA
+color_crop_cutout_flip_scale_rotate (non-Siamese, align_corners=True); no MDT; expert_epochs 2, max_start_epoch 2. The expert trajectories are
 synthetic (snapshot k = a fresh initialisation + k small random steps, 2 experts): an iteration's cost does
 not depend on their values. One iteration = `calibjax.distill.mtt.make_iteration` (expert and start sampling,
 the N-step unroll, its gradient, the image and lr updates), jitted with the carry donated.
@@ -20,7 +21,7 @@ is the scan unrolling (`--unroll`, default "auto": fully unrolled on the CPU bac
 memory grow with N in every memory mode, rolled elsewhere; see `calibjax.distill.mtt`). On a CPU the rolled
 scan bounds memory but runs the convolutions through XLA's slow in-loop path, hence `--repeats 0` there.
 Prints a markdown table with the load average, since the machine may be shared. PyTorch reference on a
-2-core CPU (anchors.md): 8.7 / 18.2 / 34.1 s and 4.9 / 8.6 / 15.7 GB peak RSS at N = 10 / 20 / 40.
+2-core CPU at IPC 10 (anchors.md): 8.7 / 18.2 / 34.1 s and 4.9 / 8.6 / 15.7 GB peak RSS at N = 10 / 20 / 40.
 """
 
 import argparse
@@ -96,6 +97,8 @@ def main():
   parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40, 80])
   parser.add_argument("--memory", nargs="+", default=list(mtt.MEMORY_MODES), choices=mtt.MEMORY_MODES)
   parser.add_argument("--unroll", default="auto", choices=mtt.UNROLLS)
+  parser.add_argument("--ipc", type=int, default=10,
+                      help="images per class (IPC 10: 100 images per student step; IPC 1: 10)")
   parser.add_argument("--repeats", type=int, default=2,
                       help="timed iterations per setting after compilation (0: compile and memory only)")
   parser.add_argument("--single", help=argparse.SUPPRESS)  # "syn_steps,memory,unroll,width,ipc,repeats"
@@ -106,7 +109,7 @@ def main():
                                     ipc=int(ipc), repeats=int(repeats))))
     return
 
-  width, ipc, steps, repeats = 128, 10, args.steps, args.repeats
+  width, ipc, steps, repeats = 128, args.ipc, args.steps, args.repeats
   if args.quick:
     width, ipc, steps, repeats = 16, 1, [2, 4], min(repeats, 1)
   print(f"jax {jax.__version__}, backend {jax.default_backend()} ({platform.machine()}), "
@@ -121,7 +124,7 @@ def main():
       out = subprocess.run([sys.executable, __file__, "--single", single], check=True, capture_output=True,
                            text=True).stdout
       r = json.loads(out.strip().splitlines()[-1])
-      ref_s, ref_gb = (None, None) if args.quick else PYTORCH.get(n, (None, None))
+      ref_s, ref_gb = PYTORCH.get(n, (None, None)) if ipc == 10 and width == 128 else (None, None)
       temp = "" if r["temp_gb"] is None else f"{r['temp_gb']:.2f}"
       step_s = "" if r["step_s"] is None else f"{r['step_s']:.2f}"
       rows.append(f"| {n} | {memory} | {r['unroll']} | {r['compile_s']:.1f} | {step_s} | {temp} | "

@@ -23,7 +23,9 @@ budgets (DC IPC 10 is ~44 h for the PyTorch reference on 2 CPU cores).
 budget=cpu is the Fashion-MNIST budget that finishes on 2 CPU cores (see `CPU_BUDGETS` for the numbers; README
 and experiments/results/ state the wall time): far fewer iterations (DC/DSA: 60 at IPC 1, 10 at IPC 10 instead
 of 1000), 64 instead of 256 real images per class per matching step, at IPC 10 an inner loop of 5 instead of 50
-epochs; everything else at the paper's values; every method starts from real images.
+epochs; MTT 150 instead of 5000 iterations, at IPC 10 with 10 synthetic images per student step instead of the
+whole set (the reference's batch_syn, which it uses for its large sets); everything else at the paper's values;
+every method starts from real images.
 
 MDT (`distill.mdt`): the paper's Bernoulli input mask on the synthetic images inside the matching criterion,
 after the DSA augmentation (`calibjax.distill.matching` documents every choice); `mdt_granularity` element | pixel,
@@ -43,7 +45,11 @@ PAPER_ITERATIONS = {"dc": 1000, "dsa": 1000, "dm": 20000, "mtt": 5000}
 # Measured on 2 busy cores: DSA IPC 1 takes ~7 s per iteration at batch_real 64.
 CPU_BUDGETS = {("dc", 1): (60, 0, 0, 64), ("dsa", 1): (60, 0, 0, 64), ("dc", 10): (10, 10, 5, 64),
                ("dsa", 10): (10, 10, 5, 64), ("dm", 1): (1000, 0, 0, 64), ("dm", 10): (1000, 0, 0, 64),
-               ("mtt", 1): (300, 0, 0, 0), ("mtt", 10): (300, 0, 0, 0)}
+               ("mtt", 1): (150, 0, 0, 0), ("mtt", 10): (150, 0, 0, 0)}
+# MTT synthetic images per student step at the CPU budget (0 = the whole set, the reference default): at N = 20 an
+# iteration with 100-image steps (IPC 10, whole set) took 72 s on the shared 2-core CPU, with 10-image steps 4.8 s
+# (benchmarks/mtt_step.py --single 20,none,auto,128,<ipc>,2).
+CPU_MTT_BATCH_SYN = {1: 0, 10: 10}
 # The DSA strategy the references use where flips change the class (digits) or the dataset is SVHN.
 NO_FLIP_DATASETS = ("mnist", "svhn", "digits")
 
@@ -106,6 +112,8 @@ def get_config(arg=None):
     d.iterations, d.outer_loop, d.inner_loop, batch_real = CPU_BUDGETS[preset.method, preset.ipc]
     d.batch_real = batch_real or d.batch_real
     d.init = "real"
+    if preset.method == "mtt":
+      d.mtt.batch_syn = CPU_MTT_BATCH_SYN[preset.ipc]
   if preset.init:
     d.init = preset.init
   if preset.iterations:

@@ -222,9 +222,11 @@ def test_default_config_uses_the_reference_table_and_argparse_defaults():
   assert (c10.syn_steps, c10.expert_epochs, c10.max_start_epoch, c10.lr_img, c10.lr_lr, c10.lr_teacher,
           c10.zca_expected) == (30, 2, 20, 100.0, 1e-5, 0.001, True)
   assert mtt.default_config("cifar100", 50).batch_syn == 125
-  fmnist = mtt.default_config("fashion_mnist", 10)
+  fmnist = mtt.default_config("fashion_mnist", 10)  # the in-project row
   assert (fmnist.syn_steps, fmnist.expert_epochs, fmnist.max_start_epoch, fmnist.batch_syn, fmnist.lr_img,
-          fmnist.lr_lr, fmnist.lr_teacher, fmnist.zca_expected) == (20, 3, 25, 0, 1000.0, 1e-5, 0.01, False)
+          fmnist.lr_lr, fmnist.lr_teacher, fmnist.zca_expected) == (20, 3, 10, 0, 1000.0, 1e-7, 0.01, False)
+  mnist = mtt.default_config("mnist", 10)  # the reference's argparse defaults
+  assert (mnist.syn_steps, mnist.expert_epochs, mnist.max_start_epoch, mnist.lr_lr) == (20, 3, 25, 1e-5)
   assert (fmnist.buffer_dir, fmnist.memory, fmnist.unroll) == ("", "none", "auto")
   for bad in (dict(memory="sqrt"), dict(unroll="partial"), dict(syn_steps=0), dict(lr_teacher=0.0)):
     with pytest.raises(ConfigError):
@@ -240,7 +242,7 @@ def test_cpu_budget_minibatches_the_ipc10_student_steps_only():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   budgets = {ipc: module.get_config(f"method=mtt,ipc={ipc},budget=cpu").distill for ipc in (1, 10)}
-  assert [(d.iterations, d.mtt.batch_syn, d.mtt.syn_steps) for d in budgets.values()] == [(200, 0, 20),
-                                                                                           (200, 10, 20)]
+  assert [(d.iterations, d.mtt.batch_syn, d.mtt.syn_steps) for d in budgets.values()] == [(150, 0, 20),
+                                                                                           (150, 10, 20)]
   paper = module.get_config("method=mtt,ipc=10").distill
   assert (paper.iterations, paper.mtt.batch_syn) == (5000, 0)
