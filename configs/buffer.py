@@ -13,7 +13,9 @@ grids, ConvNet (width 128, instance norm; depth 3, 4 for tiny_imagenet, 5 for im
   ZCA). GPU budgets: on a 2-core CPU one such expert takes hours.
 - Fashion-MNIST (CPU budget): 5 experts x 30 epochs on a class-balanced 500 images per class (5000 images,
   19 SGD steps per epoch, 2850 steps in all), no ZCA. 30 epochs serve the reference's argparse defaults
-  (max_start_epoch 25 + expert_epochs 3 = 28 snapshots needed); about 1 to 2 hours on the 2-core CPU.
+  (max_start_epoch 25 + expert_epochs 3 = 28 snapshots needed) and the in-project Fashion-MNIST row (10 + 3).
+  One expert took 30 minutes on the 2-core CPU shared with another job (83.9 % test accuracy), so the 5 take
+  about 2.5 hours; experiments/fmnist_mtt.sh uses experts=1.
 - smoke: 2 experts x 2 epochs of a width-16, depth-2 ConvNet on scikit-learn's digits; seconds.
 
 The distillation run that uses the buffer must have the same data (dataset, normalize, zca) and model
