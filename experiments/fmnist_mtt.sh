@@ -2,7 +2,7 @@
 # Fashion-MNIST trajectory matching at the CPU budget: an expert buffer (configs/buffer.py, EXPERTS experts x 30
 # epochs), MTT with and without MDT (fixed r = 0.1, dynamic r ~ U[0, 0.1]) at IPC 1 and 10 (configs/distill.py
 # budget=cpu: 150 iterations, IPC 10 with 10 synthetic images per student step), each set evaluated with its
-# learned lr (configs/evaluate.py budget=cpu: 5 networks x 300 epochs), then the results table:
+# learned lr (configs/evaluate.py budget=cpu: 5 networks x 301 epochs), then the results table:
 #   bash experiments/fmnist_mtt.sh                # runs what is missing (every run resumes), writes the table
 #   IPCS=1 bash experiments/fmnist_mtt.sh &  IPCS=10 bash experiments/fmnist_mtt.sh   # two lanes, once the
 #                                                 # buffer exists (the buffer itself is not safe to run twice)
