@@ -7,30 +7,16 @@
 # Order: IPC 1 (baselines, DSA and DC with and without MDT, dynamic MDT, train-time calibration), then IPC 10.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+source experiments/lib.sh
 RUNS=runs/fmnist_dd
+TABLE=experiments/results/fmnist_dd.md
 OUT=experiments/results/fmnist_dd
 mkdir -p "$RUNS" "$OUT"
-# Runs `python -m calibjax.main ... --workdir $1` unless that workdir already has its results.json (a finished
-# run would otherwise repeat its final calibration stage); an unfinished one resumes from its checkpoint.
-main() {
-  local workdir=$1; shift
-  [ -f "$workdir/results.json" ] || "$PY" -m calibjax.main "$@" --workdir "$workdir"
-}
-table() { "$PY" experiments/make_table.py "$RUNS" > experiments/results/fmnist_dd.md; }
 
 baseline() {  # kind (random | herding), ipc
   local extra=()
   [ "$1" = herding ] && extra=(--config.evaluate.herding_model=runs/quickstart)
   main "$RUNS/${1}_ipc${2}_eval" --config "configs/evaluate.py:budget=cpu,baseline=$1,ipc=$2" "${extra[@]}"
-}
-
-distill_and_evaluate() {  # name, distill presets
-  local name=$1 presets=$2
-  main "$RUNS/$name" --config "configs/distill.py:$presets,budget=cpu"
-  cp "$RUNS/$name/synthetic.npz" "$OUT/$name.npz"
-  main "$RUNS/${name}_eval" --config configs/evaluate.py:budget=cpu --config.evaluate.source="$RUNS/$name"
-  table
 }
 
 baseline random 1

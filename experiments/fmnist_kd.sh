@@ -16,7 +16,7 @@
 # 004's scaled KD alone and with cutout / mixup / CutMix; reverse KD; 3 generations of self-distillation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+source experiments/lib.sh
 TEACHER=${TEACHER:-resnet20}
 STUDENT=${STUDENT:-resnet8}
 EPOCHS=${EPOCHS:-30}
@@ -31,22 +31,21 @@ read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a CALIBRATORS <<< "${CALIBRATORS:-mdca focal label_smoothing}"  # + mixup, a mixing, not a loss
 mkdir -p "$RUNS" experiments/results
 
-# Runs `python -m calibjax.main ... --workdir $1` unless that workdir already has its results.json or ONLY
-# leaves its row out.
-main() {
+TABLE_MAKER=experiments/make_kd_table.py
+
+# lib.sh's main with the flags of every run, unless ONLY leaves the workdir's row out.
+run() {
   local workdir=$1; shift
   local row; row=$(basename "$workdir"); row=${row%_s*}
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $row "* ]]; then return 0; fi
-  [ -f "$workdir/results.json" ] || "$PY" -m calibjax.main "$@" --config.data.val_per_class="$VAL_PER_CLASS" \
-      "${EXTRA[@]}" --workdir "$workdir"
+  main "$workdir" "$@" --config.data.val_per_class="$VAL_PER_CLASS" "${EXTRA[@]}"
 }
-table() { "$PY" experiments/make_kd_table.py "$RUNS" > "$TABLE.tmp" && mv "$TABLE.tmp" "$TABLE"; }
 budget="dataset=fashion_mnist,epochs=$EPOCHS,train_per_class=$PER_CLASS"
 train() {  # row, seed, model, extra presets
-  main "$RUNS/${1}_s$2" --config "configs/train.py:protocol=kd,$budget,seed=$2,model=$3$4"
+  run "$RUNS/${1}_s$2" --config "configs/train.py:protocol=kd,$budget,seed=$2,model=$3$4"
 }
 kd() {  # row, seed, teacher row, presets
-  main "$RUNS/${1}_s$2" --config "configs/kd.py:$budget,seed=$2,teacher=$RUNS/${3}_s$2,$4"
+  run "$RUNS/${1}_s$2" --config "configs/kd.py:$budget,seed=$2,teacher=$RUNS/${3}_s$2,$4"
 }
 
 for seed in $SEEDS; do

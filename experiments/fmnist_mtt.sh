@@ -11,31 +11,19 @@
 # learned lr) are copied to experiments/results/fmnist_mtt/<name>.npz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+source experiments/lib.sh
 RUNS=runs/fmnist_mtt
+TABLE=experiments/results/fmnist_mtt.md
 OUT=experiments/results/fmnist_mtt
 EXPERTS=${EXPERTS:-1}
 mkdir -p "$RUNS" "$OUT"
-# Runs `python -m calibjax.main ... --workdir $1` unless that workdir already has its results.json; an
-# unfinished run resumes from its checkpoint.
-main() {
-  local workdir=$1; shift
-  [ -f "$workdir/results.json" ] || "$PY" -m calibjax.main "$@" --workdir "$workdir"
-}
-table() {  # written aside and moved, so two lanes never leave a half-written table
-  "$PY" experiments/make_table.py "$RUNS" > "$RUNS/table.md.$$"
-  mv "$RUNS/table.md.$$" experiments/results/fmnist_mtt.md
-}
+EVALUATE_PRESETS=budget=cpu,learned_lr=True
+DISTILL_FLAGS=(--config.distill.mtt.buffer_dir="$RUNS/buffer")
 
 main "$RUNS/buffer" --config "configs/buffer.py:experts=$EXPERTS"
 for ipc in ${IPCS:-1 10}; do
   for mdt in ${MDTS:-off fixed dynamic}; do
     name=$(case $mdt in off) echo mtt;; fixed) echo mtt_mdt;; dynamic) echo mtt_mdtdyn;; esac)_ipc$ipc
-    main "$RUNS/$name" --config "configs/distill.py:method=mtt,ipc=$ipc,mdt=$mdt,budget=cpu" \
-        --config.distill.mtt.buffer_dir="$RUNS/buffer"
-    cp "$RUNS/$name/synthetic.npz" "$OUT/$name.npz"
-    main "$RUNS/${name}_eval" --config configs/evaluate.py:budget=cpu,learned_lr=True \
-        --config.evaluate.source="$RUNS/$name"
-    table
+    distill_and_evaluate "$name" "method=mtt,ipc=$ipc,mdt=$mdt"
   done
 done

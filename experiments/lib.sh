@@ -1,0 +1,27 @@
+# Shared by the experiments/*.sh scripts. A script sources it from the repository root, then sets RUNS (its runs
+# directory) and TABLE (its table); one that distils also sets OUT (where the distilled sets are copied) and may
+# change the defaults below.
+PY=${PYTHON:-.venv/bin/python}
+TABLE_MAKER=experiments/make_table.py
+EVALUATE_PRESETS=budget=cpu  # the configs/evaluate.py presets of distill_and_evaluate
+DISTILL_FLAGS=()  # extra --config flags of every distillation of distill_and_evaluate
+
+# Runs `python -m calibjax.main ... --workdir $1` unless that workdir already has its results.json (a finished
+# run would otherwise repeat its final calibration stage); an unfinished one resumes from its checkpoint.
+main() {
+  local workdir=$1; shift
+  [ -f "$workdir/results.json" ] || "$PY" -m calibjax.main "$@" --workdir "$workdir"
+}
+
+# Written aside and moved, so that two lanes of one script never leave a half-written table.
+table() { "$PY" "$TABLE_MAKER" "$RUNS" > "$TABLE.$$" && mv "$TABLE.$$" "$TABLE"; }
+
+# Distils $RUNS/$1 with configs/distill.py:$2,budget=cpu, copies its set to $OUT, evaluates it and rewrites the
+# table.
+distill_and_evaluate() {
+  local name=$1 presets=$2
+  main "$RUNS/$name" --config "configs/distill.py:$presets,budget=cpu" "${DISTILL_FLAGS[@]}"
+  cp "$RUNS/$name/synthetic.npz" "$OUT/$name.npz"
+  main "$RUNS/${name}_eval" --config "configs/evaluate.py:$EVALUATE_PRESETS" --config.evaluate.source="$RUNS/$name"
+  table
+}
