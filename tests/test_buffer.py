@@ -1,4 +1,5 @@
-"""Tests of the MTT expert buffer: contents, resume after SIGKILL, compatibility checks, and MTT built on it.
+"""Tests of the MTT expert buffer: contents, resume after SIGKILL, compatibility checks, and MTT built on it (also
+resumed through a checkpoint).
 
 The buffer runs (configs/buffer.py:smoke with 3 epochs: 2 experts, a width-16 depth-2 ConvNet on
 scikit-learn's digits) execute in subprocesses that share a persistent XLA compilation cache, so only the
@@ -168,7 +169,8 @@ def test_identical_consecutive_snapshots_are_refused(reference, tmp_path):
     buffer_lib.load_buffer(str(tmp_path / "nowhere"))
 
 
-def test_mtt_distiller_built_on_the_buffer_is_deterministic_and_learns_images_and_lr(reference):
+def test_mtt_distiller_on_the_buffer_learns_images_and_lr_and_resumes_from_a_checkpoint_exactly(
+    reference, tmp_path):
   config = _config()
   splits = prepare(config.data, seed=config.seed)
   net = build_network(config.model, splits)
@@ -179,12 +181,17 @@ def test_mtt_distiller_built_on_the_buffer_is_deterministic_and_learns_images_an
   cfg.mtt.update(syn_steps=2, expert_epochs=2, max_start_epoch=2, lr_img=100.0, lr_lr=1e-3,
                  buffer_dir=reference, unroll="rolled")
   distiller = mtt.build_distiller(net, cfg, splits)
+  initial = jax.tree.map(np.array, distiller.synset(distiller.init(jax.random.key(0))))
   runs = []
-  for _ in range(2):
+  for interrupted in (False, True):  # the second run goes through an orbax checkpoint, as distill.run resumes
     carry = distiller.init(jax.random.key(0))
-    initial = jax.tree.map(np.array, distiller.synset(carry))
     metrics = []
     for i in range(2):
+      if interrupted and i == 1:
+        with Checkpointer(str(tmp_path / "distill")) as checkpoints:
+          checkpoints.save(1, carry)
+          checkpoints.wait()
+          carry, _ = checkpoints.restore(1, distiller.init(jax.random.key(1)))
       carry, m = distiller.step(carry, jax.random.fold_in(jax.random.key(5), i))
       metrics.append(jax.tree.map(np.asarray, m))
     runs.append((jax.tree.map(np.asarray, distiller.synset(carry)), metrics))
