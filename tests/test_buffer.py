@@ -2,8 +2,9 @@
 resumed through a checkpoint).
 
 The buffer runs (configs/buffer.py:smoke with 3 epochs: 2 experts, a width-16 depth-2 ConvNet on
-scikit-learn's digits) execute in subprocesses that share a persistent XLA compilation cache, so only the
-first one compiles; every expert's `fit` builds a new jitted step, which would otherwise compile again.
+scikit-learn's digits) execute in subprocesses that share the session's persistent XLA compilation cache
+(conftest.py), so only the first one compiles; every expert's `fit` builds a new jitted step, which would
+otherwise compile again.
 """
 
 import dataclasses
@@ -26,6 +27,7 @@ from calibjax.errors import CheckpointError, ConfigError
 from calibjax.train import step as step_lib
 from calibjax.train.checkpoint import Checkpointer
 from calibjax.train.run import build_network, build_optimizer
+from test_cli import ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = "smoke,epochs=3"
@@ -54,22 +56,15 @@ buffer.run(module.get_config(sys.argv[1]), sys.argv[2])
 """
 
 
-def _run_buffer(workdir, cache_dir, kill_at=None):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def _run_buffer(workdir, kill_at=None):
   args = [sys.executable, "-c", _SCRIPT, PRESET, str(workdir)] + ([kill_at] if kill_at else [])
-  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("xla_cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
+def reference(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("buffer") / "run"
-  result = _run_buffer(workdir, cache_dir)
+  result = _run_buffer(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   return str(workdir)
 
@@ -117,15 +112,15 @@ def test_buffer_holds_every_epoch_of_every_expert(reference):
   assert not os.path.exists(os.path.join(reference, "experts", "000", "checkpoints"))  # consolidated
 
 
-def test_killed_buffer_run_resumes_to_the_same_buffer(reference, cache_dir, tmp_path):
+def test_killed_buffer_run_resumes_to_the_same_buffer(reference, tmp_path):
   workdir = tmp_path / "killed"
-  killed = _run_buffer(workdir, cache_dir, kill_at="1,2")
+  killed = _run_buffer(workdir, kill_at="1,2")
   assert killed.returncode == -9, killed.stderr[-3000:]
   with Checkpointer(str(workdir / "trajectories")) as trajectories:
     assert trajectories.latest_step() == 0  # expert 0 finished, expert 1 was killed after its epoch 1
   assert json.load(open(workdir / "buffer.json"))["experts"] == 1
 
-  resumed = _run_buffer(workdir, cache_dir)
+  resumed = _run_buffer(workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   a, b = buffer_lib.load_buffer(reference), buffer_lib.load_buffer(str(workdir))
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):

@@ -1,6 +1,7 @@
 """End to end through the command line: smoke runs, resume after SIGKILL, and bad input.
 
-Every case runs `python -m calibjax.main` in a subprocess, as a user would.
+Every case runs `python -m calibjax.main` in a subprocess, as a user would; `cli` and the helpers below serve
+every end-to-end test module.
 """
 
 import json
@@ -13,7 +14,12 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+# The session's compilation cache (conftest.py); the size limit turns on jax's file lock, which makes the
+# cache safe for concurrent subprocesses.
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+       "JAX_COMPILATION_CACHE_DIR": os.environ["CALIBJAX_TEST_XLA_CACHE"],
+       "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def cli(*args, workdir, timeout=600):

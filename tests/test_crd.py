@@ -7,8 +7,6 @@ also check the (B, n_data) matmul-then-gather shortcut of `crd.contrast`.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +23,7 @@ from calibjax.kd import crd
 from calibjax.kd.run import (init_crd_state, make_crd_loss, make_kd_batch_transform, make_teacher_apply)
 from calibjax.train import step as step_lib
 from configs import kd as kd_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+from test_cli import cli
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,11 +254,6 @@ def test_config_loss_crd_has_the_repdistiller_recipe():
 
 # ---------------------------------------------------------------------------------------------------------------
 # end to end
-
-
-def cli(*args, workdir):
-  return subprocess.run([sys.executable, "-m", "calibjax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
-                        env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def read(path):

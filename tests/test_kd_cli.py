@@ -3,10 +3,7 @@
 The CLI cases share one smoke teacher (configs/train.py:smoke, a width-16 ConvNet on digits).
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +17,7 @@ from calibjax.errors import ConfigError
 from calibjax.kd.run import (check_teacher_data, make_kd_batch_transform, make_kd_loss, make_teacher_apply,
                              teacher_temperature)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-
-
-def cli(*args, workdir):
-  return subprocess.run([sys.executable, "-m", "calibjax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
-                        env=ENV, capture_output=True, text=True, timeout=600)
-
-
-def read_json(path):
-  with open(path) as f:
-    return json.load(f)
+from test_cli import cli, read_json
 
 
 @pytest.fixture(scope="module")

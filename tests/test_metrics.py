@@ -43,7 +43,7 @@ def np_top_label(probs, labels):
 
 def np_reduce(members, scores, targets, denom, norm):
   """members: list of boolean masks, one per bin. Returns the error before the classwise reduction (power)."""
-  powers, gaps = [], []
+  gaps = []
   total = 0.0
   for mask in members:
     n_b = mask.sum()

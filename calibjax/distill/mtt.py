@@ -65,7 +65,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from calibjax.data.augment.dsa import DSAParams, dsa_augment
