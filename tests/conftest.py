@@ -1,15 +1,21 @@
-"""One persistent XLA compilation cache for every CLI subprocess of a test session.
+"""One persistent XLA compilation cache for every CLI subprocess of a test session, and one smoke train run.
 
 Many end-to-end tests run the same smoke programs (configs/train.py:smoke alone runs in eight subprocesses);
 with the cache only the first compiles them (a train smoke run takes ~20 s instead of ~50 s here). The
 directory is made by the controlling process, inherited by pytest-xdist workers through the environment, and
 removed at the end of the session. The cache key covers the program, jax version and flags, so a hit runs the
 same executable a compilation would have produced.
+
+`smoke_teacher` is a finished configs/train.py:smoke run shared by the tests marked
+`xdist_group("smoke_teacher")`; `make test` distributes with `--dist loadgroup`, which keeps such a group on
+one worker, so the run is made once per session.
 """
 
 import os
 import shutil
 import tempfile
+
+import pytest
 
 CACHE_VARIABLE = "CALIBJAX_TEST_XLA_CACHE"
 
@@ -23,3 +29,14 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if getattr(config, "_calibjax_owns_cache", False):
     shutil.rmtree(os.environ.pop(CACHE_VARIABLE), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smoke_teacher(tmp_path_factory):
+  """A finished configs/train.py:smoke run (2 epochs of a width-16 ConvNet on digits): the subject of the train
+  smoke test and the teacher or calibration source of the kd, crd and calibrate tests, which only read it."""
+  from test_cli import cli
+  workdir = str(tmp_path_factory.mktemp("smoke") / "train")
+  result = cli("--config=configs/train.py:smoke", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir

@@ -58,12 +58,7 @@ def assert_one_line_error(result, *fragments):
   assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", ["configs/quickstart.py:smoke", "configs/train.py:smoke"])
-def test_smoke_run_writes_every_artifact(tmp_path, config):
-  workdir = str(tmp_path / "run")
-  result = cli(f"--config={config}", workdir=workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
+def check_smoke_run(workdir):
   for name in ("config.json", "metrics.jsonl", "results.json", "plots/reliability.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, "checkpoints"))
@@ -73,6 +68,20 @@ def test_smoke_run_writes_every_artifact(tmp_path, config):
   assert results["raw"]["accuracy"] == results["ts"]["accuracy"] == results["mts"]["accuracy"]
   assert results["ts"]["temperature"] > 0 and results["mts"]["ratio"] in (0.1, 0.5)
   assert [r["epoch"] for r in read_metrics(workdir)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_quickstart_smoke_run_writes_every_artifact(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = cli("--config=configs/quickstart.py:smoke", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  check_smoke_run(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smoke_teacher")
+def test_train_smoke_run_writes_every_artifact(smoke_teacher):
+  check_smoke_run(smoke_teacher)
 
 
 @pytest.mark.slow
@@ -154,9 +163,9 @@ def test_workdir_of_another_config_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_calibrate_a_train_checkpoint(tmp_path):
-  source = str(tmp_path / "train")
-  assert cli("--config=configs/train.py:smoke", "--config.train.epochs=1", workdir=source).returncode == 0
+@pytest.mark.xdist_group("smoke_teacher")
+def test_calibrate_a_train_checkpoint(tmp_path, smoke_teacher):
+  source = smoke_teacher
   workdir = str(tmp_path / "calibrate")
   result = cli("--config=configs/calibrate.py:smoke", f"--config.calibrate.source={source}", workdir=workdir)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -262,10 +262,9 @@ def read(path):
 
 
 @pytest.mark.slow
-def test_cli_crd_run_checkpoints_the_banks_and_resumes_exactly(tmp_path):
-  teacher = str(tmp_path / "teacher")
-  result = cli("--config=configs/train.py:smoke", workdir=teacher)
-  assert result.returncode == 0, result.stderr[-3000:]
+@pytest.mark.xdist_group("smoke_teacher")
+def test_cli_crd_run_checkpoints_the_banks_and_resumes_exactly(tmp_path, smoke_teacher):
+  teacher = smoke_teacher
   workdir = str(tmp_path / "crd")
   args = [f"--config=configs/kd.py:smoke,loss=crd,teacher={teacher}"]
   result = cli(*args, workdir=workdir)

@@ -1,6 +1,7 @@
 """Method `kd` end to end through the command line, and its batch transform / loss as units.
 
-The CLI cases share one smoke teacher (configs/train.py:smoke, a width-16 ConvNet on digits).
+The CLI cases share the session's smoke teacher (conftest.py: configs/train.py:smoke, a width-16 ConvNet on
+digits).
 """
 
 import os
@@ -20,14 +21,6 @@ from calibjax.kd.run import (check_teacher_data, make_kd_batch_transform, make_k
 from test_cli import cli, read_json
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("kd") / "teacher")
-  result = cli("--config=configs/train.py:smoke", workdir=workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
 def check_results(workdir, teacher_dir):
   results = read_json(os.path.join(workdir, "results.json"))
   for name in ("raw", "ts", "mts"):
@@ -43,7 +36,9 @@ def check_results(workdir, teacher_dir):
 
 
 @pytest.mark.slow
-def test_kd_then_scaled_kd_mixup_from_the_kd_student(tmp_path, teacher):
+@pytest.mark.xdist_group("smoke_teacher")
+def test_kd_then_scaled_kd_mixup_from_the_kd_student(tmp_path, smoke_teacher):
+  teacher = smoke_teacher
   gen1 = str(tmp_path / "gen1")
   # KD(C) from a temperature-scaled teacher: its logits are divided by the T its own run fitted.
   result = cli(f"--config=configs/kd.py:smoke,recipe=self,loss=kd,teacher_cal=ts,teacher={teacher}",
@@ -68,15 +63,17 @@ def test_kd_then_scaled_kd_mixup_from_the_kd_student(tmp_path, teacher):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_teacher")
 @pytest.mark.parametrize("presets, loss, mixing", [
     ("recipe=kd_c,teacher_cal=mts", "cxkd", "none"),
     ("recipe=reverse", "kd", "none"),
     ("recipe=aug,mixing=cutout", "scaled_kd", "cutout"),
 ])
-def test_every_recipe_runs_from_the_cli(tmp_path, teacher, presets, loss, mixing):
+def test_every_recipe_runs_from_the_cli(tmp_path, smoke_teacher, presets, loss, mixing):
   """The recipes not run above, each with its own loss and mixing (a ConvNet student: the fastest compile).
   kd_uc is kd_c's code path with another teacher; CutMix's soft targets take mixup's path (run above), cutout's
   integer labels their own."""
+  teacher = smoke_teacher
   workdir = str(tmp_path / "student")
   result = cli(f"--config=configs/kd.py:smoke,student=convnet,{presets},teacher={teacher}", workdir=workdir)
   assert result.returncode == 0, result.stderr[-3000:]
