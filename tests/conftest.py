@@ -1,14 +1,16 @@
 """One persistent XLA compilation cache for every CLI subprocess of a test session, and one smoke train run.
 
-Many end-to-end tests run the same smoke programs (configs/train.py:smoke alone runs in eight subprocesses);
-with the cache only the first compiles them (a train smoke run takes ~20 s instead of ~50 s here). The
+Many end-to-end tests run the same smoke programs (configs/train.py:smoke alone runs in seven subprocesses);
+with the cache only the first compiles them (a repeated train smoke run took 20 s instead of 51 s here, two
+other jobs sharing the cores). The
 directory is made by the controlling process, inherited by pytest-xdist workers through the environment, and
 removed at the end of the session. The cache key covers the program, jax version and flags, so a hit runs the
 same executable a compilation would have produced.
 
-`smoke_teacher` is a finished configs/train.py:smoke run shared by the tests marked
-`xdist_group("smoke_teacher")`; `make test` distributes with `--dist loadgroup`, which keeps such a group on
-one worker, so the run is made once per session.
+`smoke_teacher` is a finished configs/train.py:smoke run shared by the train smoke, calibrate, kd and crd
+tests (made at most once per pytest-xdist worker).
+
+The CLI subprocesses compile with XLA's backend optimisation level 0 (see test_cli.ENV).
 """
 
 import os

@@ -32,7 +32,6 @@ from test_cli import ENV
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = "smoke,epochs=3"
 EXPERTS, EPOCHS = 2, 3
-pytestmark = pytest.mark.xdist_group("buffer")  # one worker builds the module's reference buffer once
 
 # Runs configs/buffer.py:<preset> into <workdir>; with a third argument "E,S", SIGKILLs itself when expert
 # E's fit is about to save its epoch-S checkpoint (epoch S-1's is on disk): a kill in the middle of an expert.

@@ -262,7 +262,6 @@ def read(path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("smoke_teacher")
 def test_cli_crd_run_checkpoints_the_banks_and_resumes_exactly(tmp_path, smoke_teacher):
   teacher = smoke_teacher
   workdir = str(tmp_path / "crd")

@@ -24,7 +24,6 @@ def distilled(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("distilled")  # the tests of one module-scoped run share a worker, so it runs once
 def test_distill_smoke_writes_the_set_and_its_config(distilled):
   for name in ("config.json", "metrics.jsonl", "results.json", "synthetic.npz", "plots/synthetic.png"):
     assert os.path.exists(os.path.join(distilled, name)), name
@@ -67,7 +66,6 @@ def test_killed_distillation_resumes_to_the_same_set(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("distilled")
 def test_evaluate_a_distilled_set(distilled, tmp_path):
   workdir = str(tmp_path / "eval")
   result = cli("--config=configs/evaluate.py:smoke", f"--config.evaluate.source={distilled}", workdir=workdir)

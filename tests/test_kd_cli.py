@@ -36,7 +36,6 @@ def check_results(workdir, teacher_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("smoke_teacher")
 def test_kd_then_scaled_kd_mixup_from_the_kd_student(tmp_path, smoke_teacher):
   teacher = smoke_teacher
   gen1 = str(tmp_path / "gen1")
@@ -63,7 +62,6 @@ def test_kd_then_scaled_kd_mixup_from_the_kd_student(tmp_path, smoke_teacher):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("smoke_teacher")
 @pytest.mark.parametrize("presets, loss, mixing", [
     ("recipe=kd_c,teacher_cal=mts", "cxkd", "none"),
     ("recipe=reverse", "kd", "none"),
