@@ -21,7 +21,8 @@ is the scan unrolling (`--unroll`, default "auto": fully unrolled on the CPU bac
 memory grow with N in every memory mode, rolled elsewhere; see `calibjax.distill.mtt`). On a CPU the rolled
 scan bounds memory but runs the convolutions through XLA's slow in-loop path, hence `--repeats 0` there.
 Prints a markdown table with the load average, since the machine may be shared. PyTorch reference on a
-2-core CPU at IPC 10 (anchors.md): 8.7 / 18.2 / 34.1 s and 4.9 / 8.6 / 15.7 GB peak RSS at N = 10 / 20 / 40.
+2-core CPU at IPC 10 (docs/reference-quirks.md §9): 8.7 / 18.2 / 34.1 s and 4.9 / 8.6 / 15.7 GB peak RSS at
+N = 10 / 20 / 40.
 """
 
 import argparse

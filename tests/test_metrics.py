@@ -1,10 +1,10 @@
 """Tests of calibjax.calibration.metrics.
 
 Three kinds of checks:
-  * golden vectors: every published test vector of anchors.md section 5, each in the convention of its source
+  * golden vectors: every published test vector of docs/metrics.md §5, each in the convention of its source
     (the test says which convention it needs and whether others give the same number);
   * plain-numpy loop re-implementations of each reference's definition (written from the definitions in
-    algorithms.md section 6 / the reference semantics, bin by bin, in float64) compared on random data;
+    docs/metrics.md §1-§4 / the reference semantics, bin by bin, in float64) compared on random data;
   * invariants with hypothesis: range, permutation invariance, zero error on perfectly calibrated data,
     streaming == one-shot for random batch splits, and a sharded run in a subprocess with 4 fake CPU devices.
 
@@ -285,7 +285,7 @@ PROBS, LABELS = random_problem(0, n=307)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Golden vectors (anchors.md section 5).
+# Golden vectors (docs/metrics.md §5).
 
 
 def test_vector_1a_torchmetrics_binary():

@@ -12,7 +12,7 @@ from calibjax.errors import UnknownNameError
 
 
 @pytest.mark.parametrize("input_shape,num_classes,expected", [
-    ((32, 32, 3), 10, 320_010),   # DC/DSA/DM/MTT ConvNet on CIFAR-10 (jax-practice.md §11)
+    ((32, 32, 3), 10, 320_010),   # DC/DSA/DM/MTT ConvNet on CIFAR-10 (docs/protocols.md §3.1)
     ((32, 32, 3), 100, 504_420),  # ... on CIFAR-100
     ((28, 28, 1), 10, 317_706),   # 1-channel inputs are padded by 3: 28 px behaves as 32 px
 ])

@@ -54,7 +54,7 @@ def np_grad_t(logits, labels, t):
   return np.mean(z[np.arange(len(labels)), labels] - np.sum(p * z, -1)) / t ** 2
 
 
-# Constant logit gap d with empirical accuracy a has T* = d / logit(a): 6 of 8 right -> 2 / ln 3 (anchors §5).
+# Constant logit gap d with empirical accuracy a has T* = d / logit(a): 6 of 8 right -> 2 / ln 3 (docs/metrics.md §5).
 GAP_LOGITS = np.array([[2.0, 0.0]] * 8, np.float32)
 GAP_LABELS = np.array([0, 0, 0, 0, 0, 0, 1, 1])
 OVERCONFIDENT = scaled_softmax_data(4000, 5, 3.0, 0)  # first half fits, second half is held out
@@ -171,7 +171,7 @@ def test_reference_mode_under_converges():
   t_star = np_t_star(logits, labels)
   t_ref, info = fit_temperature(logits=logits, labels=labels, method="lbfgs_reference", return_info=True)
   assert 2.4 < t_star < 2.7
-  # algorithms.md §1.8: lr 0.01 moves T only 20-46 % of the way from 1.5 to T*.
+  # docs/protocols.md §1.8: lr 0.01 moves T only 20-46 % of the way from 1.5 to T*.
   assert (float(t_ref) - 1.5) / (t_star - 1.5) < 0.25
   assert not bool(info.converged)
 

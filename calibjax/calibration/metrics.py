@@ -28,7 +28,7 @@ Binnings (`binning=`), each tied to the reference whose numbers it reproduces:
 
   * "equal_width": n_bins bins of width 1/n_bins with edges k/n_bins rounded to the input dtype. `edges`
     chooses what happens on an edge:
-      - "upper_inclusive" (default, DESIGN.md): (lo, hi], the first bin is [0, hi]; p = 1.0 is in the last
+      - "upper_inclusive" (default, docs/metrics.md §3): (lo, hi], the first bin is [0, hi]; p = 1.0 is in the last
         bin.
         CXKD/calibration_library, focal_calibration, gpleiss `_ECELoss`, verified_calibration `get_ece`.
         (Those references use (lo, hi] for the first bin too, so an exact p = 0 -- possible only in classwise

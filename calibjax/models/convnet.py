@@ -1,4 +1,4 @@
-"""The ConvNet of the dataset-distillation literature (DC/DSA/DM/MTT; algorithms.md §3.1).
+"""The ConvNet of the dataset-distillation literature (DC/DSA/DM/MTT; docs/protocols.md §3.1).
 
 Each of `depth` blocks is conv 3x3 (width channels, with bias) -> norm -> ReLU -> 2x2 pooling; then flatten and
 a linear head. With 1-channel inputs the first conv pads by 3 instead of 1, so 28-px (Fashion-)MNIST behaves like

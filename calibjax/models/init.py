@@ -1,7 +1,7 @@
 """PyTorch-default initialisers.
 
 The dataset-distillation references (DC, DSA, DM, MTT) and their evaluation protocol use PyTorch's default
-initialisation, and published accuracies depend on it (algorithms.md §7, row 1): conv and linear weights are
+initialisation, and published accuracies depend on it (docs/protocols.md §7, row 1): conv and linear weights are
 Kaiming-uniform with a = sqrt(5), i.e. U(-b, b) with b = 1 / sqrt(fan_in), and biases U(-1/sqrt(fan_in),
 1/sqrt(fan_in)). Flax's defaults (LeCun-normal weights, zero biases) are kept as the alternative.
 """

@@ -7,7 +7,7 @@ BN -> ReLU, seven groups of inverted residual blocks
 multipliers <= 1) -> BN -> ReLU, global average pooling and a linear head. Every inverted residual has its
 1x1 expansion conv, also for t = 1 (unlike torchvision's MobileNetV2); the residual is added when the stride
 is 1 and the widths match. A 32-px input ends at 2x2. This is not the full-width MobileNetV2 of
-CalibrationXferViaKD (algorithms.md §4.4): use `width=1.0` for RepDistiller's `mobile_full`.
+CalibrationXferViaKD (docs/protocols.md §4.4): use `width=1.0` for RepDistiller's `mobile_full`.
 
 Initialisation as the reference: Kaiming-normal fan_out convs (depthwise included: fan_out = 9 * channels),
 head weights N(0, 0.01) and zero bias.

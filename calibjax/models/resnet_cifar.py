@@ -3,7 +3,7 @@
 Depth 6n + 2 with basic blocks: a 3x3 stem conv, three stages of n blocks with strides 1/2/2, global average
 pooling and a linear head. Widths (stem, stage 1-3) are 16/16/32/64, or 32/64/128/256 for the "x4" models.
 These are RepDistiller's basic-block versions; CalibrationXferViaKD builds resnet56/110 from bottleneck blocks
-instead (algorithms.md §4.4), which are different networks with the same names.
+instead (docs/protocols.md §4.4), which are different networks with the same names.
 
 Initialisation: Kaiming-normal fan_out convs (RepDistiller `kaiming_normal_(mode='fan_out')`), PyTorch-default
 linear head.
