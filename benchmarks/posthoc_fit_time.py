@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from calibjax.calibration.posthoc import fit_temperature
-from calibjax.distill.masks import mask_inputs
+from calibjax.masks import mask_inputs
 
 
 def make_logits(n: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
 """Wall time of one ConvNet-3 SGD step on Fashion-MNIST-shaped batches (the PyTorch reference's 0.618 s / 0.223 s
-at batch 256 / 100 on a 2-core CPU is in shared/reference/anchors.md).
+at batch 256 / 100 on a 2-core CPU is in docs/reference-quirks.md §9).
 
   python benchmarks/train_step.py [--repeats 10]
 
@@ -17,13 +17,14 @@ import optax
 from calibjax import models, parallel
 from calibjax.train import step as step_lib
 
-REFERENCE_SECONDS = {256: 0.618, 100: 0.223}  # anchors.md, torch 2.14.1, 2 threads
+REFERENCE_SECONDS = {256: 0.618, 100: 0.223}  # docs/reference-quirks.md §9, torch 2.14.1, 2 threads
 
 
 def time_step(batch_size: int, repeats: int) -> tuple[float, float]:
   net = models.build("convnet", num_classes=10, input_shape=(28, 28, 1))
   tx = optax.sgd(0.01, momentum=0.9)
-  loss = lambda logits, labels, _: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  loss = step_lib.label_loss(
+      lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
   mesh = parallel.make_mesh()
   state = parallel.replicate(step_lib.init_train_state(net, tx, jax.random.key(0)), mesh)
   step = step_lib.jit_train_step(step_lib.make_train_step(net, loss, tx), mesh)

@@ -1,4 +1,8 @@
-"""Helpers for config files (configs/*.py): typed `:preset` arguments and the shared base configs.
+"""Helpers for config files (configs/*.py): typed `:preset` arguments, the shared blocks and smoke settings.
+
+Every method reads a fixed set of top-level blocks (`METHOD_BLOCKS`); its config has those and no others
+(`check_blocks`, run before any work), so no setting sits in a config where nothing reads it. Cadences carry
+their unit in the key's name (`checkpoint_every_epochs`, `log_every_iterations`).
 
 A config file's `get_config(arg)` receives the text after ':' in `--config configs/x.py:arg`. `parse_arg` turns
 `"dataset=cifar10,ipc=10,smoke"` into typed values: `key=value` pairs are converted to the type of the key's
@@ -40,48 +44,91 @@ def _convert(key: str, text: str, kind: type):
     raise ConfigError(f"preset '{key}={text}' is not a valid {kind.__name__}") from None
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Fields every method shares: method, seed, data, model, evaluation and calibration settings."""
+# The top-level config entries each method reads (besides method, seed and distributed).
+METHOD_BLOCKS = {
+    "train": ("data", "model", "train", "loss", "augment", "calibration", "eval_batch_size"),
+    "calibrate": ("calibrate", "calibration", "eval_batch_size"),
+    "distill": ("data", "model", "distill"),
+    "evaluate": ("data", "model", "evaluate", "train", "loss", "augment", "calibration", "eval_batch_size"),
+    "buffer": ("data", "model", "buffer", "train", "augment", "eval_batch_size"),
+    "kd": ("data", "model", "train", "kd", "augment", "calibration", "eval_batch_size"),
+}
+COMMON_KEYS = ("method", "seed", "distributed")
+
+
+def check_blocks(config: ml_collections.ConfigDict) -> None:
+  """Refuses a config with an entry its method does not read, or without one it reads (one line each)."""
+  if config.method not in METHOD_BLOCKS:
+    return  # the dispatch refuses an unknown method with its own message
+  expected = set(METHOD_BLOCKS[config.method]) | set(COMMON_KEYS)
+  unread, missing = sorted(set(config) - expected), sorted(expected - set(config))
+  if unread:
+    raise ConfigError(f"method {config.method} does not read config entries {', '.join(unread)}; remove them "
+                      "from the config file")
+  if missing:
+    raise ConfigError(f"method {config.method} needs config entries {', '.join(missing)}; the config file "
+                      "lacks them")
+
+
+def base_config(method: str) -> ml_collections.ConfigDict:
+  """The entries `method` reads, with their defaults (`train` and `loss` are added by the config file)."""
   c = ml_collections.ConfigDict()
-  c.method = "train"
+  c.method = method
   c.seed = 0
   c.distributed = False  # True: call jax.distributed.initialize() (multi-host; arguments auto-detected)
+  blocks = METHOD_BLOCKS[method]
+  if "data" in blocks:
+    c.data = data_config()
+  if "model" in blocks:
+    c.model = convnet_config()
+  if "calibration" in blocks:
+    c.calibration = calibration_config()
+  if "augment" in blocks:
+    from calibjax.data.augment import augment_config  # Imported here: see loss_config.
+    c.augment = augment_config()
+  if "eval_batch_size" in blocks:
+    c.eval_batch_size = 1000
+  return c
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "fashion_mnist"
-  c.data.data_dir = ""  # "" = the documented search order of calibjax.data.load
-  c.data.normalize = "dataset"  # dataset (the references' fixed statistics) | fit (from the train split) | none
-  c.data.zca = False
-  c.data.zca_eps = 0.1  # kornia's ZCAWhitening epsilon, as the MTT reference uses
-  c.data.train_per_class = 0  # > 0: a class-balanced subset of the training split (CPU budgets)
-  c.data.val_per_class = 500  # held out from the training split, per class, for fitting calibrators
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "convnet"
-  c.model.width = 128
-  c.model.depth = 3
-  c.model.norm = "instance"
-  c.model.pooling = "avg"
-  c.model.init = "torch"
+def data_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "fashion_mnist"
+  c.data_dir = ""  # "" = the documented search order of calibjax.data.load
+  c.normalize = "dataset"  # dataset (the references' fixed statistics) | fit (from the train split) | none
+  c.zca = False
+  c.zca_eps = 0.1  # kornia's ZCAWhitening epsilon, as the MTT reference uses
+  c.train_per_class = 0  # > 0: a class-balanced subset of the training split (CPU budgets)
+  c.val_per_class = 500  # held out from the training split, per class, for fitting calibrators
+  return c
 
-  c.calibration = ml_collections.ConfigDict()
-  c.calibration.n_bins = 15
-  c.calibration.ts_method = "converged"  # converged | lbfgs_reference (the reference's under-converged fit)
-  c.calibration.mts_ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-  c.calibration.mts_granularity = "element"  # element (the reference) | pixel (one draw per pixel, all channels)
-  c.calibration.mts_target = "input"  # input (the reference code) | logits (a reading of the paper's Eq. 4)
 
-  from calibjax.data.augment import augment_config  # Imported here: see loss_config.
-  c.augment = augment_config()
+def convnet_config() -> ml_collections.ConfigDict:
+  """ConvNet-3 (width 128, instance norm, average pooling, PyTorch init): the dataset-distillation backbone."""
+  c = ml_collections.ConfigDict()
+  c.name = "convnet"
+  c.width = 128
+  c.depth = 3
+  c.norm = "instance"
+  c.pooling = "avg"
+  c.init = "torch"
+  return c
 
-  c.eval_batch_size = 1000
+
+def calibration_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.n_bins = 15
+  c.ts_method = "converged"  # converged | lbfgs_reference (the reference's under-converged fit)
+  c.mts_ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+  c.mts_granularity = "element"  # element (the reference) | pixel (one draw per pixel, all channels)
+  c.mts_target = "input"  # input (the reference code) | logits (a reading of the paper's Eq. 4)
   return c
 
 
 def train_config(*, epochs: int, batch_size: int = 256, lr: float = 0.01, schedule: str = "half",
                  milestones: tuple = (), weight_decay: float = 5e-4, momentum: float = 0.9
                  ) -> ml_collections.ConfigDict:
-  """SGD training settings; defaults are the dataset-distillation protocol (algorithms.md §3.5)."""
+  """SGD training settings; defaults are the dataset-distillation protocol (docs/protocols.md §3.5)."""
   c = ml_collections.ConfigDict()
   c.epochs = epochs
   c.batch_size = batch_size
@@ -91,7 +138,7 @@ def train_config(*, epochs: int, batch_size: int = 256, lr: float = 0.01, schedu
   c.weight_decay = weight_decay
   c.schedule = schedule  # constant | half | multistep | cosine (calibjax.train.schedules)
   c.milestones = tuple(milestones)  # epochs after which the lr is ×0.1 (multistep)
-  c.checkpoint_every = 1  # epochs between checkpoints (a killed run resumes from the last one)
+  c.checkpoint_every_epochs = 1  # a killed run resumes from the last checkpoint
   # `train` runs: validation accuracy after every epoch (logged only; AdaFocal needs it for its state). Off saves
   # a forward pass over the validation split per epoch. `kd` runs always validate (their best epoch) and refuse False.
   c.validate_each_epoch = True
@@ -147,15 +194,26 @@ def loss_config(name: str) -> ml_collections.ConfigDict:
   return c
 
 
-def smoke_training(c: ml_collections.ConfigDict, *, dataset: str = "digits") -> None:
-  """Shrinks a training config to a seconds-long run for tests (a tiny ConvNet on scikit-learn's digits)."""
-  c.data.name = dataset
-  c.data.val_per_class = 20
-  c.data.train_per_class = 0
-  if c.model.name == "convnet":
+def smoke_dataset(dataset: str) -> str:
+  """The dataset of a smoke run: scikit-learn's digits instead of Fashion-MNIST (always available, seconds)."""
+  return "digits" if dataset == "fashion_mnist" else dataset
+
+
+def smoke(c: ml_collections.ConfigDict, *, dataset: str = "digits") -> None:
+  """Shrinks the shared entries of a config to a seconds-long run for tests: `dataset` with 20 validation images
+  per class, a width-16 depth-2 ConvNet, small evaluation batches, two MTS ratios; and 2 epochs of batch 64 for a
+  config with a train block."""
+  if "data" in c:
+    c.data.name = dataset
+    c.data.val_per_class = 20
+    c.data.train_per_class = 0
+  if "model" in c and c.model.name == "convnet":
     c.model.width = 16
     c.model.depth = 2
-  c.train.epochs = 2
-  c.train.batch_size = 64
-  c.eval_batch_size = 256
-  c.calibration.mts_ratios = (0.1, 0.5)
+  if "eval_batch_size" in c:
+    c.eval_batch_size = 256
+  if "calibration" in c:
+    c.calibration.mts_ratios = (0.1, 0.5)
+  if "train" in c:
+    c.train.epochs = 2
+    c.train.batch_size = 64

@@ -1,32 +1,36 @@
 """calibjax command line: `python -m calibjax.main --config configs/<file>.py[:presets] --workdir DIR`.
 
 Thin by design: flags, optional multi-host initialisation, dispatch on `config.method` to a `run(config,
-workdir)` in the library. Errors a user can fix are printed as one line and exit with status 2.
+workdir)` of `calibjax.runs`, and the method's result table printed at the end (`--quiet` skips it). Errors a
+user can fix are printed as one line and exit with status 2.
 """
 
 import importlib
+import os
 import sys
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from calibjax import parallel
+from calibjax import config_lib, parallel
 from calibjax.errors import CalibjaxError, UnknownNameError
+from calibjax.runs import summary
 
 # Method name -> "module:function", imported on use so one method's dependencies do not slow the others.
 METHODS = {
-    "train": "calibjax.train.run:run",
-    "calibrate": "calibjax.calibration.calibrate:run",
-    "distill": "calibjax.distill.run:run",
-    "evaluate": "calibjax.distill.evaluate:run",
-    "buffer": "calibjax.distill.buffer:run",
-    "kd": "calibjax.kd.run:run",
+    "train": "calibjax.runs.train:run",
+    "calibrate": "calibjax.runs.calibrate:run",
+    "distill": "calibjax.runs.distill:run",
+    "evaluate": "calibjax.runs.evaluate:run",
+    "buffer": "calibjax.runs.buffer:run",
+    "kd": "calibjax.runs.kd:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:smoke.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created; reused to resume).")
+_QUIET = flags.DEFINE_bool("quiet", False, "Do not print the result table at the end of the run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,11 +54,14 @@ def main(argv):
   except Exception as error:  # an exception raised inside the file's get_config()
     _fail(_config_error_line(str(error)))
   try:
+    config_lib.check_blocks(config)
     parallel.maybe_initialize_distributed(config.distributed)
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-    resolve_method(config.method)(config, _WORKDIR.value)
+    results = resolve_method(config.method)(config, _WORKDIR.value)
   except CalibjaxError as error:
     _fail(str(error))
+  if not _QUIET.value and jax.process_index() == 0:
+    print(summary.format_results(config.method, results, workdir=os.path.abspath(_WORKDIR.value)))
 
 
 def _fail(message: str):

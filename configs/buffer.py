@@ -3,7 +3,7 @@
   python -m calibjax.main --config configs/buffer.py:dataset=cifar10 --workdir runs/buffer_cifar10
 
 Presets (`:key=value,...`): dataset, experts and epochs (0 = the dataset's default below), seed, smoke.
-The expert recipe is the reference buffer.py (algorithms.md §2.1): SGD without momentum, constant lr 0.01, no
+The expert recipe is the reference buffer.py (docs/protocols.md §2.1): SGD without momentum, constant lr 0.01, no
 weight decay, batch 256, non-Siamese DSA color_crop_cutout_flip_scale_rotate with MTT's align_corners=True
 grids, ConvNet (width 128, instance norm; depth 3, 4 for tiny_imagenet, 5 for imagenette).
 
@@ -40,8 +40,7 @@ _OTHER = (100, 50, 0, False, 3)
 def get_config(arg=None):
   preset = config_lib.parse_arg(arg, dataset="fashion_mnist", experts=0, epochs=0, seed=0, smoke=False)
   experts, epochs, train_per_class, zca, depth = _BUDGETS.get(preset.dataset, _OTHER)
-  c = config_lib.base_config()
-  c.method = "buffer"
+  c = config_lib.base_config("buffer")
   c.seed = preset.seed
   c.data.name = preset.dataset
   c.data.zca = zca
@@ -52,11 +51,14 @@ def get_config(arg=None):
   c.buffer.experts = preset.experts or experts
   c.train = config_lib.train_config(epochs=preset.epochs or epochs, batch_size=256, lr=0.01,
                                     schedule="constant", weight_decay=0.0, momentum=0.0)
+  # Every epoch is a snapshot of the trajectory (all checkpointed), and experts are scored on the test split
+  # once, after training: the train block's cadence and validation switch have no reader here.
+  del c.train.checkpoint_every_epochs, c.train.validate_each_epoch
   c.augment.dsa = True
   c.augment.dsa_align_corners = True
 
   if preset.smoke:
-    config_lib.smoke_training(c, dataset="digits" if preset.dataset == "fashion_mnist" else preset.dataset)
+    config_lib.smoke(c, dataset=config_lib.smoke_dataset(preset.dataset))
     c.data.zca = False
     c.buffer.experts = preset.experts or 2
     c.train.epochs = preset.epochs or 2

@@ -20,8 +20,7 @@ DEFAULT_CALIBRATORS = "temperature+temperature_reference+mts+ets+vector+matrix+d
 
 def get_config(arg=None):
   preset = config_lib.parse_arg(arg, smoke=False, seed=0)
-  c = config_lib.base_config()
-  c.method = "calibrate"
+  c = config_lib.base_config("calibrate")
   c.seed = preset.seed
   c.calibrate = ml_collections.ConfigDict()
   c.calibrate.source = ""
@@ -29,6 +28,5 @@ def get_config(arg=None):
   c.calibrate.ood_noise_sigmas = (0.5, 1.0)
   c.calibrate.ood_dataset = ""
   if preset.smoke:
-    c.calibration.mts_ratios = (0.1, 0.5)
-    c.eval_batch_size = 256
+    config_lib.smoke(c)
   return c

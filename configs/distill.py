@@ -83,11 +83,12 @@ def distill_config(*, method: str, ipc: int, dataset: str) -> ml_collections.Con
   d.mdt_inner = False
   d.class_map = "vmap"  # vmap | loop (a Python loop over classes inside the same jitted step)
   d.class_chunk = 0  # > 0: vmap over this many classes at a time to bound memory
-  d.log_every = 10
-  d.checkpoint_every = 50
+  d.log_every_iterations = 10
+  d.checkpoint_every_iterations = 50
   if method == "mtt":
-    d.mtt = importlib.import_module("calibjax.distill.mtt").default_config(dataset, ipc)
-    d.lr_img = d.mtt.lr_img
+    mtt = importlib.import_module("calibjax.distill.mtt")
+    d.mtt = mtt.default_config(dataset, ipc)
+    d.lr_img = mtt.reference_row(dataset, ipc)["lr_img"]
   return d
 
 
@@ -96,8 +97,7 @@ def get_config(arg=None):
                                 budget="paper", iterations=0, init="", seed=0, smoke=False)
   if preset.budget not in ("paper", "cpu"):
     raise ConfigError(f"preset budget must be 'paper' or 'cpu', got '{preset.budget}'")
-  c = config_lib.base_config()
-  c.method = "distill"
+  c = config_lib.base_config("distill")
   c.seed = preset.seed
   c.data.name = preset.dataset
   c.distill = distill_config(method=preset.method, ipc=preset.ipc, dataset=preset.dataset)
@@ -119,16 +119,13 @@ def get_config(arg=None):
   if preset.iterations:
     d.iterations = preset.iterations
   if preset.smoke:
-    c.data.name = "digits" if preset.dataset == "fashion_mnist" else preset.dataset
-    c.data.val_per_class = 20
-    c.model.width = 16
-    c.model.depth = 2
+    config_lib.smoke(c, dataset=config_lib.smoke_dataset(preset.dataset))
     d.ipc = preset.ipc if preset.ipc <= 2 else 2
     d.iterations = preset.iterations or 3
     d.batch_real = 16
     d.outer_loop, d.inner_loop = 2, 1
-    d.log_every = 1
-    d.checkpoint_every = 2
+    d.log_every_iterations = 1
+    d.checkpoint_every_iterations = 2
     d.dsa_strategy = "none" if preset.method == "dc" else "color_crop_cutout_scale_rotate"
     if preset.method == "mtt":  # fits the 3 snapshots per expert of configs/buffer.py:smoke
       d.mtt.update(dict(syn_steps=2, expert_epochs=1, max_start_epoch=1))

@@ -23,14 +23,25 @@ from calibjax.errors import ConfigError
 EPOCHS = {"paper": 1000, "cpu": 300}
 
 
+def evaluation_training(epochs: int) -> ml_collections.ConfigDict:
+  """The reference's `evaluate_synset` SGD: `epochs + 1` passes (its `Epoch + 1` loop), lr 0.01 ×0.1 from pass
+  `epochs // 2 + 1` on, momentum 0.9, weight decay 5e-4, batch 256; a log every 50 and a checkpoint every 100
+  passes."""
+  c = config_lib.train_config(epochs=epochs + 1, schedule="multistep",
+                              milestones=(epochs // 2 + 1,) if epochs + 1 > 2 else ())
+  del c.validate_each_epoch  # the networks are tested once, at the end
+  c.log_every_epochs = 50
+  c.checkpoint_every_epochs = 100
+  return c
+
+
 def get_config(arg=None):
   preset = config_lib.parse_arg(arg, baseline="", ipc=10, dataset="fashion_mnist", num_nets=5, epochs=0,
                                 budget="paper", loss="ce", mixing="none", dsa=True, learned_lr=False, seed=0,
                                 smoke=False)
   if preset.budget not in EPOCHS:
     raise ConfigError(f"preset budget must be one of {', '.join(EPOCHS)}, got '{preset.budget}'")
-  c = config_lib.base_config()
-  c.method = "evaluate"
+  c = config_lib.base_config("evaluate")
   c.seed = preset.seed
   c.data.name = preset.dataset
   c.evaluate = ml_collections.ConfigDict()
@@ -41,29 +52,18 @@ def get_config(arg=None):
   ev.herding_model = ""
   ev.val_per_class = 0 if preset.budget == "paper" else 100  # TS/MTS fitting data (0 = the whole held-out split)
   ev.num_nets = preset.num_nets
-  ev.epochs = preset.epochs or EPOCHS[preset.budget]
-  ev.lr = 0.01
   ev.learned_lr = preset.learned_lr
-  ev.momentum = 0.9
-  ev.weight_decay = 5e-4
-  ev.batch_size = 256
-  ev.log_every = 50
-  ev.checkpoint_every = 100
+  c.train = evaluation_training(preset.epochs or EPOCHS[preset.budget])
   c.loss = config_lib.loss_config(preset.loss)
   c.augment.dsa = preset.dsa
   c.augment.mixing = preset.mixing
   c.augment.mixup_alpha = 1.0
   if preset.smoke:
-    c.data.name = "digits" if preset.dataset == "fashion_mnist" else preset.dataset
-    c.data.val_per_class = 20
-    c.model.width = 16
-    c.model.depth = 2
+    config_lib.smoke(c, dataset=config_lib.smoke_dataset(preset.dataset))
     ev.ipc = min(preset.ipc, 2)
     ev.num_nets = min(preset.num_nets, 2)
-    ev.epochs = preset.epochs or 4
-    ev.log_every = 1
-    ev.checkpoint_every = 2
-    c.eval_batch_size = 256
-    c.calibration.mts_ratios = (0.1, 0.5)
+    c.train = evaluation_training(preset.epochs or 4)
+    c.train.log_every_epochs = 1
+    c.train.checkpoint_every_epochs = 2
     c.augment.dsa_strategy = "color_crop_cutout_scale_rotate"
   return c

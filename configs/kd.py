@@ -20,7 +20,9 @@ Presets (`:key=value,...`):
     calibrated teacher for KD(C), paper 003's "TS" teacher); default none.
   student: a model of the zoo (calibjax.models.MODELS); "" = the small model of the dataset's pair (CIFAR-100:
     resnet8x4, Fashion-MNIST: wrn_16_2), the large one (resnet32x4, wrn_40_2) for recipe=reverse.
-  loss: kd | scaled_kd | cxkd | crd; "" = the recipe's. crd = Contrastive Representation Distillation
+  loss: kd | scaled_kd | cxkd | crd | rkd (`calibjax.kd.objective.KD_LOSSES`); "" = the recipe's.
+    rkd = Relational KD as RepDistiller's RKD recipe (-r 1 -a 0 -b 1: CE + RKD on the penultimate features,
+    distance and angle weights 25 and 50; `kd.rkd`). crd = Contrastive Representation Distillation
     (RepDistiller's CRD recipe, -r 1 -a 0 -b 0.8: CE + 0.8 · CRD, no KD term), with any recipe; its settings
     are `kd.crd`: weight 0.8, feat_dim 128, nce_k 16384 (clipped to n_train - largest class count: 1 030 on
     the digits smoke data), nce_t 0.07, nce_m 0.5 (--config.kd.crd.weight=... to change them).
@@ -71,10 +73,6 @@ RECIPES = {  # recipe -> (loss, mixing, whether the student is the larger model 
     "reverse": ("kd", "none", True),
     "self": ("kd", "none", False),
 }
-# loss -> (alpha, T)
-LOSS_DEFAULTS = {"kd": (0.9, 4.0), "scaled_kd": (0.5, 50.0), "cxkd": (0.9, 20.0), "crd": (0.0, 4.0)}
-# RepDistiller's CRD settings (train_student.py defaults; -b 0.8 from scripts/run_cifar_distill.sh).
-CRD_DEFAULTS = {"weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5}
 
 
 def get_config(arg=None):
@@ -85,37 +83,34 @@ def get_config(arg=None):
     raise ConfigError(f"unknown recipe '{preset.recipe}'; choose one of: {', '.join(RECIPES)}")
   loss, mixing, large_student = RECIPES[preset.recipe]
   loss, mixing = preset.loss or loss, preset.mixing or mixing
-  if loss not in LOSS_DEFAULTS:
-    raise ConfigError(f"unknown KD loss '{loss}'; choose one of: {', '.join(LOSS_DEFAULTS)}")
+  from calibjax.kd.objective import KD_LOSSES  # Imported here: only kd configs need the KD library.
+  entry = KD_LOSSES.get(loss)
   pair = config_lib.KD_PROTOCOLS.get(preset.dataset, config_lib.KD_PROTOCOLS["fashion_mnist"])[-1]
   student = preset.student or pair[large_student]
 
-  c = config_lib.base_config()
-  c.method = "kd"
+  c = config_lib.base_config("kd")
   c.seed = preset.seed
   c.data.name = preset.dataset
   c.train, per_class, c.data.val_per_class = config_lib.kd_protocol(preset.dataset, model=student,
                                                                     epochs=preset.epochs)
   c.data.train_per_class = preset.train_per_class or per_class
 
-  alpha, temperature = LOSS_DEFAULTS[loss]
   c.kd = ml_collections.ConfigDict()
   c.kd.recipe = preset.recipe
   c.kd.teacher = preset.teacher
   c.kd.teacher_calibration = preset.teacher_cal
   c.kd.loss = loss
-  c.kd.alpha = alpha if preset.alpha < 0 else preset.alpha
-  c.kd.temperature = temperature if preset.temperature < 0 else preset.temperature
-  if loss == "crd":  # only then, so the configs (and workdirs) of the other losses are unchanged
-    c.kd.crd = ml_collections.ConfigDict(CRD_DEFAULTS)
+  c.kd.alpha = entry.alpha if preset.alpha < 0 else preset.alpha
+  c.kd.temperature = entry.temperature if preset.temperature < 0 else preset.temperature
+  if entry.relation:  # crd or rkd: the settings of the relation term (weight, ...)
+    c.kd[entry.relation] = ml_collections.ConfigDict(entry.relation_defaults)
 
   c.augment.mixing = mixing
   if preset.recipe == "aug":
     c.augment.mixup_alpha = 0.4  # paper 004's Beta(0.4, 0.4); CutMix keeps Beta(1, 1), probability 0.5
 
   if preset.smoke:
-    smoke_dataset = "digits" if preset.dataset in config_lib.KD_PROTOCOLS else preset.dataset
-    config_lib.smoke_training(c, dataset=smoke_dataset)
+    config_lib.smoke(c, dataset="digits" if preset.dataset in config_lib.KD_PROTOCOLS else preset.dataset)
     c.train.milestones = ()
     if not preset.student:
       student = "resnet8"

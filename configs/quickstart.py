@@ -14,8 +14,7 @@ from calibjax import config_lib
 
 def get_config(arg=None):
   preset = config_lib.parse_arg(arg, smoke=False, seed=0)
-  c = config_lib.base_config()
-  c.method = "train"
+  c = config_lib.base_config("train")
   c.seed = preset.seed
   c.data.name = "fashion_mnist"
   c.data.train_per_class = 500
@@ -23,5 +22,5 @@ def get_config(arg=None):
   c.train = config_lib.train_config(epochs=5, batch_size=256)
   c.loss = config_lib.loss_config("ce")
   if preset.smoke:
-    config_lib.smoke_training(c)
+    config_lib.smoke(c)
   return c

@@ -28,8 +28,7 @@ def get_config(arg=None):
                                 protocol="dd", smoke=False)
   if preset.protocol not in ("dd", "kd"):
     raise ConfigError(f"preset protocol must be 'dd' or 'kd', got '{preset.protocol}'")
-  c = config_lib.base_config()
-  c.method = "train"
+  c = config_lib.base_config("train")
   c.seed = preset.seed
   c.data.name = preset.dataset
   c.data.train_per_class = preset.train_per_class
@@ -49,5 +48,5 @@ def get_config(arg=None):
   c.augment.dsa = preset.dsa
 
   if preset.smoke:
-    config_lib.smoke_training(c, dataset="digits" if preset.dataset == "fashion_mnist" else preset.dataset)
+    config_lib.smoke(c, dataset=config_lib.smoke_dataset(preset.dataset))
   return c

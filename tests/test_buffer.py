@@ -19,14 +19,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from calibjax import models
+from calibjax import build, models
 from calibjax.data.prepare import prepare
 from calibjax.distill import buffer as buffer_lib
 from calibjax.distill import mtt
 from calibjax.errors import CheckpointError, ConfigError
 from calibjax.train import step as step_lib
 from calibjax.train.checkpoint import Checkpointer
-from calibjax.train.run import build_network, build_optimizer
 from test_cli import EXACT_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +39,7 @@ import importlib.util, os, signal, sys
 spec = importlib.util.spec_from_file_location("buffer_config", "configs/buffer.py")
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-from calibjax.distill import buffer
+from calibjax.runs import buffer
 from calibjax.train.checkpoint import Checkpointer
 if len(sys.argv) > 3:
   expert, step = sys.argv[3].split(",")
@@ -94,8 +93,8 @@ def test_buffer_holds_every_epoch_of_every_expert(reference):
   assert not np.array_equal(leaves[0][0, 0], leaves[0][1, 0])
   # Snapshot 0 is the initialisation fit draws from the expert's seed.
   splits = prepare(config.data, seed=config.seed)
-  net = build_network(config.model, splits)
-  tx = build_optimizer(config.train, steps_per_epoch=1)
+  net = build.network(config.model, splits)
+  tx = build.optimizer(config.train, steps_per_epoch=1)
   for e in range(EXPERTS):
     seed = buffer_lib.expert_seed(config.seed, e)
     assert buffer.info["expert_seeds"][e] == seed
@@ -137,7 +136,7 @@ def test_a_buffer_for_other_data_or_another_model_is_refused(reference):
   config = _config()
   buffer = buffer_lib.load_buffer(reference, max_experts=1)
   splits = prepare(config.data, seed=config.seed)
-  net = build_network(config.model, splits)
+  net = build.network(config.model, splits)
   buffer_lib.check_compatible(buffer, net=net, splits=splits)  # the buffer's own settings pass
   zca = dataclasses.replace(splits, transforms=dict(splits.transforms, zca={"eps": 0.1}))
   wide = models.build("convnet", num_classes=splits.num_classes, input_shape=splits.input_shape, width=32,
@@ -168,12 +167,12 @@ def test_mtt_distiller_on_the_buffer_learns_images_and_lr_and_resumes_from_a_che
     reference, tmp_path):
   config = _config()
   splits = prepare(config.data, seed=config.seed)
-  net = build_network(config.model, splits)
+  net = build.network(config.model, splits)
   # A rolled scan and no augmentation: the smallest program to compile at the default optimisation level.
   cfg = ml_collections.ConfigDict(dict(
-      ipc=1, init="real", lr_img=0.1, momentum=0.5, dsa_strategy="none", dsa_align_corners=True,
+      ipc=1, init="real", lr_img=100.0, momentum=0.5, dsa_strategy="none", dsa_align_corners=True,
       mdt="dynamic", mdt_ratio=0.1, mdt_granularity="element", mtt=mtt.default_config("digits", 1)))
-  cfg.mtt.update(syn_steps=2, expert_epochs=2, max_start_epoch=2, lr_img=100.0, lr_lr=1e-3,
+  cfg.mtt.update(syn_steps=2, expert_epochs=2, max_start_epoch=2, lr_lr=1e-3,
                  buffer_dir=reference, unroll="rolled")
   distiller = mtt.build_distiller(net, cfg, splits)
   initial = jax.tree.map(np.array, distiller.synset(distiller.init(jax.random.key(0))))

@@ -81,6 +81,17 @@ def test_quickstart_smoke_run_writes_every_artifact(tmp_path):
   result = cli("--config=configs/quickstart.py:smoke", workdir=workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   check_smoke_run(workdir)
+  # The run ends with its result table on the terminal: raw / TS / MTS rows and where the plots are.
+  results = read_json(os.path.join(workdir, "results.json"))
+  rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()}
+  for name, stage in (("raw", "raw"), ("TS", "ts"), ("MTS", "mts")):
+    assert rows[name][1:4] == [f"{100 * results[stage]['accuracy']:.2f}", f"{results[stage]['nll']:.4f}",
+                               f"{100 * results[stage]['ece']:.2f}"], result.stdout
+  assert f"plots: {os.path.join(workdir, 'plots', 'reliability.png')}" in result.stdout
+  # ... and results.json its manifest: versions, the checkout's commit, devices, seeds, protocol.
+  manifest = results["manifest"]
+  assert manifest["packages"]["jax"] and manifest["devices"]["count"] >= 1 and manifest["seeds"] == {"seed": 0}
+  assert manifest["protocol"]["calibrators_fitted_on"] == "held_out_real"
 
 
 @pytest.mark.slow
@@ -91,8 +102,10 @@ def test_train_smoke_run_writes_every_artifact(smoke_teacher):
 @pytest.mark.slow
 def test_train_without_per_epoch_validation(tmp_path):
   workdir = str(tmp_path / "run")
-  result = cli("--config=configs/train.py:smoke", "--config.train.validate_each_epoch=False", workdir=workdir)
+  result = cli("--config=configs/train.py:smoke", "--config.train.validate_each_epoch=False", "--quiet",
+               workdir=workdir)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "MTS" not in result.stdout and "plots:" not in result.stdout  # --quiet: no result table
   records = read_metrics(workdir)
   assert [r["epoch"] for r in records] == [1, 2] and not any("val_accuracy" in r for r in records)
   assert read_json(os.path.join(workdir, "results.json"))["ts"]["temperature"] > 0

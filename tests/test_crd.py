@@ -20,7 +20,7 @@ from calibjax import models
 from calibjax.data.augment import augment_config
 from calibjax.errors import ConfigError
 from calibjax.kd import crd
-from calibjax.kd.run import (init_crd_state, make_crd_loss, make_kd_batch_transform, make_teacher_apply)
+from calibjax.kd.objective import make_kd_batch_transform, make_kd_objective, make_teacher_apply, negatives_drawn
 from calibjax.train import step as step_lib
 from configs import kd as kd_config
 from test_cli import cli
@@ -188,17 +188,17 @@ def crd_setup():
   transform = make_kd_batch_transform(teacher_apply, augment_config(), num_classes=num_classes,
                                       teacher_features=True)
   tx = optax.sgd(0.5)  # no weight decay: a parameter moves only if its gradient is non-zero
-  loss_state = init_crd_state(jax.random.key(3), _kd_cfg().crd, net=student, teacher_apply=teacher_apply,
-                              images=images, tx=tx)
-  state = step_lib.init_train_state(student, tx, jax.random.key(4), loss_state=loss_state)
+  objectives = {weight: make_kd_objective(_kd_cfg(weight), mixing="none", key=jax.random.key(3), net=student,
+                                          teacher_apply=teacher_apply, train_images=images, train_labels=labels)
+                for weight in (0.8, 0.0)}
+  state = step_lib.init_train_state(student, tx, jax.random.key(4), objective=objectives[0.8])
   index = np.array([0, 4, 8, 10])
   batch = {"images": images[index], "labels": labels[index], "index": index.astype(np.int32)}
-  steps = {}
-  for weight in (0.8, 0.0):
-    loss_fn, nce_k = make_crd_loss(_kd_cfg(weight), mixing="none", train_labels=labels)
-    steps[weight] = jax.jit(step_lib.make_train_step(student, loss_fn, tx, batch_transform=transform))
-  return dict(state=state, batch=batch, steps=steps, transform=transform, nce_k=nce_k, teacher_apply=teacher_apply,
-              index=index, n_data=n_data)
+  steps = {weight: jax.jit(step_lib.make_train_step(student, objective, tx, batch_transform=transform))
+           for weight, objective in objectives.items()}
+  return dict(state=state, batch=batch, steps=steps, transform=transform,
+              nce_k=negatives_drawn(_kd_cfg(), labels)["nce_k"], teacher_apply=teacher_apply, index=index,
+              n_data=n_data)
 
 
 def test_transform_adds_teacher_features_and_keeps_the_index(crd_setup):
@@ -208,7 +208,7 @@ def test_transform_adds_teacher_features_and_keeps_the_index(crd_setup):
   logits, features = crd_setup["teacher_apply"](jnp.asarray(batch["images"]))
   np.testing.assert_allclose(out["teacher_features"], features, rtol=1e-6)
   assert out["teacher_features"].shape == (4, 6 * 6 * 6)  # 1-channel stem pads 3: 8 -> 12 -> pool 6
-  assert out["labels"].shape == (4, 6)
+  assert out["labels"].shape == (4, 3) and out["teacher_log_probs"].shape == (4, 3)
   assert crd_setup["nce_k"] == 8  # 12 samples, 4 per class
 
 
@@ -222,8 +222,8 @@ def test_step_trains_student_and_both_heads_and_updates_the_banks(crd_setup):
   assert np.isfinite(metrics["loss"])
   for head in ("student", "teacher"):
     for leaf in ("kernel", "bias"):
-      assert moved(new["loss_state"]["params"][head][leaf], state["loss_state"]["params"][head][leaf]), head
-  buffers, old = new["loss_state"]["buffers"], state["loss_state"]["buffers"]
+      assert moved(new["objective"]["params"][head][leaf], state["objective"]["params"][head][leaf]), head
+  buffers, old = new["objective"]["state"], state["objective"]["state"]
   touched = np.zeros(crd_setup["n_data"], bool)
   touched[crd_setup["index"]] = True
   for bank in ("student", "teacher"):
@@ -239,10 +239,10 @@ def test_step_trains_student_and_both_heads_and_updates_the_banks(crd_setup):
                                        jax.tree.leaves(without["params"])):
     assert moved(leaf_crd, leaf_ce) != ("head" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
   # ... and the CE-only step leaves the heads where they were (only CRD trains them).
-  jax.tree.map(np.testing.assert_array_equal, without["loss_state"]["params"], state["loss_state"]["params"])
+  jax.tree.map(np.testing.assert_array_equal, without["objective"]["params"], state["objective"]["params"])
 
   again, _ = crd_setup["steps"][0.8](new, jax.random.key(0), batch)
-  np.testing.assert_array_equal(again["loss_state"]["buffers"]["z"], buffers["z"])
+  np.testing.assert_array_equal(again["objective"]["state"]["z"], buffers["z"])
 
 
 def test_config_loss_crd_has_the_repdistiller_recipe():
@@ -273,18 +273,18 @@ def test_cli_crd_run_checkpoints_the_banks_and_resumes_exactly(tmp_path, smoke_t
   assert results["raw"]["accuracy"] > 0.2 and results["best_epoch"]["last_epoch"] == 2
   metrics = read(os.path.join(workdir, "metrics.jsonl"))
 
-  # Epoch 1's checkpoint holds the heads and the banks (updated: unit rows); the final one the student only.
-  raw = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "1", "state"))
-  buffers = raw["loss_state"]["buffers"]
+  # Each checkpoint holds the heads and the banks (updated: unit rows) as an item of their own beside the student.
+  raw = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "1", "objective"))
+  buffers = raw["state"]
   assert buffers["student"].shape == buffers["teacher"].shape == (1147, 128) and np.all(buffers["z"] > 0)
   assert np.mean(np.isclose(np.linalg.norm(buffers["student"], axis=1), 1.0, atol=1e-5)) > 0.9
-  assert set(raw["loss_state"]["params"]) == {"student", "teacher"}
+  assert set(raw["params"]) == {"student", "teacher"}
   final = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "2", "state"))
-  assert not final["loss_state"]
+  assert "objective" not in final
 
   # The finished run restores as a plain student (e.g. as the next generation's teacher).
-  from calibjax.kd.run import restore_teacher
-  assert restore_teacher(workdir)[0].kd.loss == "crd"
+  from calibjax.build import restore_run
+  assert restore_run(workdir, methods=("kd",))[0].kd.loss == "crd"
 
   # Resuming from epoch 1 (as after a kill) gives the same results and log.
   shutil.rmtree(os.path.join(workdir, "checkpoints", "2"))

@@ -4,13 +4,17 @@ SIGKILL, herding by hand, and the K-network vmapped training against one network
 import os
 
 import jax
-import ml_collections
 import numpy as np
+import optax
 import pytest
 
-from calibjax import config_lib, models
-from calibjax.distill import evaluate
+from calibjax import models
+from calibjax.data.augment import augment_config, make_batch_transform
+from calibjax.data.sampling import herding_indices
 from calibjax.distill.synthetic import load_npz
+from calibjax.train import schedules
+from calibjax.train import step as step_lib
+from calibjax.train.ensemble import epoch_batches, make_ensemble_step
 from test_cli import assert_one_line_error, cli, kill_after_checkpoint, read_json, read_metrics
 
 
@@ -113,27 +117,28 @@ def test_herding_picks_the_running_mean_closest_to_the_class_mean():
   # = 5). Class 1 features 1, 2, 3: first 2, then 1 and 3 tie at distance 0.5 and the lower index wins.
   features = np.array([[0.0], [10.0], [1.0], [4.0], [2.0], [6.0], [3.0]])
   labels = np.array([0, 0, 1, 0, 1, 0, 1])
-  picks = evaluate.herding_indices(features, labels, per_class=2, num_classes=2)
+  picks = herding_indices(features, labels, per_class=2, num_classes=2)
   np.testing.assert_array_equal(picks, [3, 5, 4, 2])
 
 
 def test_vmapped_networks_train_as_if_alone():
   """Network k of a K-network evaluation equals the same network trained in a 1-network evaluation."""
-  config = config_lib.base_config()
-  config.evaluate = ml_collections.ConfigDict(dict(epochs=4, momentum=0.9, weight_decay=5e-4))
-  config.loss = config_lib.loss_config("ce")
-  config.augment.dsa = True
-  config.augment.dsa_strategy = "crop_flip"
+  augment = augment_config()
+  augment.dsa = True
+  augment.dsa_strategy = "crop_flip"
+  schedule = schedules.make_schedule("multistep", base_lr=0.05, epochs=5, steps_per_epoch=2, milestones=(3,))
+  tx = schedules.make_optimizer(lr_schedule=schedule, momentum=0.9, weight_decay=5e-4)
+  ce = step_lib.label_loss(lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
   net = models.build("convnet", num_classes=3, input_shape=(8, 8, 1), width=8, depth=1)
   images = jax.random.normal(jax.random.key(1), (6, 8, 8, 1))
   labels = np.array([0, 0, 1, 1, 2, 2])
   init_keys, step_keys, perm_keys = (jax.random.split(jax.random.key(i), 2) for i in range(3))
 
   def train(sel):
-    init, step = evaluate.make_multi_step(net, config, lr=0.05, steps_per_epoch=2, num_classes=3)
+    init, step = make_ensemble_step(net, ce, tx, batch_transform=make_batch_transform(augment, num_classes=3))
     states = init(init_keys[sel])
     for epoch in range(5):
-      for idx in evaluate.epoch_batches(perm_keys[sel], epoch, 6, 4):
+      for idx in epoch_batches(perm_keys[sel], epoch, 6, 4):
         states, _ = step(states, step_keys[sel], idx, images, labels)
     return states
 

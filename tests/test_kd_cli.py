@@ -15,8 +15,10 @@ import pytest
 from calibjax import models
 from calibjax.data.augment import augment_config
 from calibjax.errors import ConfigError
-from calibjax.kd.run import (check_teacher_data, make_kd_batch_transform, make_kd_loss, make_teacher_apply,
-                             teacher_temperature)
+from calibjax.build import check_input_space
+from calibjax.kd import losses as kd_losses
+from calibjax.kd.objective import logit_loss, make_kd_batch_transform, make_kd_objective, make_teacher_apply
+from calibjax.runs.kd import teacher_temperature
 
 from test_cli import cli, read_json
 
@@ -66,6 +68,7 @@ def test_kd_then_scaled_kd_mixup_from_the_kd_student(tmp_path, smoke_teacher):
     ("recipe=kd_c,teacher_cal=mts", "cxkd", "none"),
     ("recipe=reverse", "kd", "none"),
     ("recipe=aug,mixing=cutout", "scaled_kd", "cutout"),
+    ("recipe=kd_uc,loss=rkd", "rkd", "none"),
 ])
 def test_every_recipe_runs_from_the_cli(tmp_path, smoke_teacher, presets, loss, mixing):
   """The recipes not run above, each with its own loss and mixing (a ConvNet student: the fastest compile).
@@ -92,12 +95,13 @@ def test_bad_teacher_path_is_one_line_error(tmp_path, teacher_arg):
   assert "Traceback" not in result.stderr
 
 
-def test_teacher_calibration_errors_are_one_line(tmp_path):
+def test_teacher_calibration_errors_are_one_line():
   with pytest.raises(ConfigError, match="kd.teacher_calibration must be"):
-    teacher_temperature(str(tmp_path), "platt")
+    teacher_temperature({"ts": {"temperature": 2.0}}, "platt")
   with pytest.raises(ConfigError, match="results.json"):
-    teacher_temperature(str(tmp_path), "mts")
-  assert teacher_temperature(str(tmp_path), "none") == 1.0
+    teacher_temperature(None, "mts")  # a teacher without results.json
+  assert teacher_temperature(None, "none") == 1.0
+  assert teacher_temperature({"ts": {"temperature": 2.0}}, "ts") == 2.0
 
 
 def test_teacher_apply_divides_by_the_calibration_temperature():
@@ -126,15 +130,14 @@ def test_teacher_sees_original_images(mixing):
   out = jax.jit(make_kd_batch_transform(teacher, cfg, num_classes=num_classes))(
       key_step, {"images": images, "labels": labels})
 
-  assert out["images"].shape == (2 * batch, 8, 8, 1) and out["labels"].shape == (2 * batch, 2 * num_classes)
+  assert out["images"].shape == (2 * batch, 8, 8, 1) and out["labels"].shape == (2 * batch, num_classes)
   np.testing.assert_array_equal(out["images"][:batch], images)
   assert not np.allclose(out["images"][batch:], images)  # the student's second half is augmented
-  expected = jax.nn.log_softmax(teacher(images), -1)
-  for half in (slice(0, batch), slice(batch, None)):
-    np.testing.assert_allclose(out["labels"][half, num_classes:], expected, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(out["labels"][:batch, :num_classes], jax.nn.one_hot(labels, num_classes))
-  # The train step's accuracy takes argmax over the whole row: it must land in the target block.
-  np.testing.assert_array_equal(jnp.argmax(out["labels"], -1), jnp.argmax(out["labels"][:, :num_classes], -1))
+  # The teacher's outputs are a field of their own, of the original images only; the labels are targets.
+  np.testing.assert_allclose(out["teacher_log_probs"], jax.nn.log_softmax(teacher(images), -1), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_array_equal(out["labels"][:batch], jax.nn.one_hot(labels, num_classes))
+  np.testing.assert_allclose(out["labels"].sum(-1), 1.0, rtol=1e-6)
 
 
 def test_kd_loss_split_matches_hand_formula():
@@ -144,9 +147,9 @@ def test_kd_loss_split_matches_hand_formula():
   teacher = jax.nn.log_softmax(3.0 * jax.random.normal(key_t, (batch, num_classes)), -1)
   onehot = jax.nn.one_hot(jnp.arange(batch) % num_classes, num_classes)
   soft = 0.7 * onehot + 0.3 * jnp.roll(onehot, 1, axis=0)
-  labels = jnp.concatenate([jnp.concatenate([onehot, teacher], -1), jnp.concatenate([soft, teacher], -1)])
+  batch_fields = {"labels": jnp.concatenate([onehot, soft]), "teacher_log_probs": teacher}
   cfg = ml_collections.ConfigDict({"loss": "scaled_kd", "alpha": 0.5, "temperature": 50.0})
-  value = make_kd_loss(cfg, mixing="mixup")(student, labels, {})
+  value = logit_loss(cfg, mixing="mixup")(student, batch_fields)
 
   def kl(s, t, temp):  # numpy reference: per-sample KL(softmax(t/T) || softmax(s/T))
     log_s = np.asarray(jax.nn.log_softmax(s / temp, -1), np.float64)
@@ -159,17 +162,17 @@ def test_kd_loss_split_matches_hand_formula():
   np.testing.assert_allclose(value, 0.5 * distill + 0.5 * task, rtol=1e-5)
 
   # Student = teacher (as logits) and alpha = 1: zero loss; no mixing uses every row for both terms.
-  same = jnp.concatenate([onehot, teacher], -1)
+  same = {"labels": onehot, "teacher_log_probs": teacher}
   for loss in ("kd", "scaled_kd", "cxkd"):
     cfg = ml_collections.ConfigDict({"loss": loss, "alpha": 1.0, "temperature": 4.0})
-    assert abs(float(make_kd_loss(cfg, mixing="none")(teacher + 7.0, same, {}))) < 1e-5
+    assert abs(float(logit_loss(cfg, mixing="none")(teacher + 7.0, same))) < 1e-5
 
 
 def test_teacher_with_other_data_settings_is_refused():
-  student = ml_collections.ConfigDict({"name": "digits", "normalize": "dataset", "zca": False})
-  check_teacher_data(student, ml_collections.ConfigDict(dict(student)))
+  student = ml_collections.ConfigDict({"name": "digits", "normalize": "dataset", "zca": False, "zca_eps": 0.1})
+  check_input_space(student, ml_collections.ConfigDict(dict(student)), role="the teacher")
   with pytest.raises(ConfigError, match="data.zca=True"):
-    check_teacher_data(student, ml_collections.ConfigDict(dict(student, zca=True)))
+    check_input_space(student, ml_collections.ConfigDict(dict(student, zca=True)), role="the teacher")
 
 
 def test_train_protocol_kd_matches_the_kd_students_protocol():
@@ -186,6 +189,29 @@ def test_train_protocol_kd_matches_the_kd_students_protocol():
   assert (fmnist.train.epochs, fmnist.train.batch_size, fmnist.data.train_per_class) == (15, 128, 1000)
   assert train_config.get_config("").train.to_dict() == {  # protocol=dd, the default, is unchanged
       "epochs": 20, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
-      "schedule": "half", "milestones": (), "checkpoint_every": 1, "validate_each_epoch": True}
+      "schedule": "half", "milestones": (), "checkpoint_every_epochs": 1, "validate_each_epoch": True}
   with pytest.raises(ConfigError, match="protocol"):
     train_config.get_config("protocol=repdistiller")
+
+
+def test_rkd_objective_is_ce_plus_weighted_relational_distillation():
+  """kd.loss=rkd (RepDistiller's -r 1 -a 0 -b 1): CE + weight · RKD(student features, teacher features) on the
+  original rows, through the objective a kd run trains with."""
+  student = models.build("convnet", num_classes=3, input_shape=(8, 8, 1), width=4, depth=1)
+  images = np.asarray(jax.random.normal(jax.random.key(2), (6, 8, 8, 1)), np.float32)
+  labels = np.arange(6) % 3
+  cfg = ml_collections.ConfigDict({"loss": "rkd", "alpha": 0.0, "temperature": 4.0, "rkd": {
+      "weight": 2.0, "distance_weight": 25.0, "angle_weight": 50.0}})
+  objective = make_kd_objective(cfg, mixing="none", key=jax.random.key(0), net=student,
+                                teacher_apply=None, train_images=images, train_labels=labels)
+  assert objective.uses_features and not objective.uses_indices and not jax.tree.leaves(objective.params)
+  logits, features = jax.random.normal(jax.random.key(3), (6, 3)), jax.random.normal(jax.random.key(4), (6, 5))
+  teacher_features = jax.random.normal(jax.random.key(5), (6, 7))
+  batch = {"labels": jax.nn.one_hot(labels, 3), "teacher_log_probs": jax.nn.log_softmax(logits + 1.0, -1),
+           "teacher_features": teacher_features}
+  loss, state = objective.fn(objective.params, objective.state, logits=logits, features=features, batch=batch,
+                             key=jax.random.key(6))
+  ce = -np.mean(np.sum(np.asarray(batch["labels"]) * np.asarray(jax.nn.log_softmax(logits, -1)), -1))
+  relational = kd_losses.rkd_loss(student_embeddings=features, teacher_embeddings=teacher_features)
+  np.testing.assert_allclose(loss, ce + 2.0 * relational, rtol=1e-5)
+  assert state == {}

@@ -10,6 +10,7 @@ import pytest
 
 from calibjax.errors import ConfigError, UnknownNameError
 from calibjax.kd import losses as kd
+from calibjax.kd.objective import KD_LOSSES
 
 # One sample, two classes: teacher logits (log 3, 0) give p_t = (3/4, 1/4) at T = 1; the student is uniform.
 TEACHER = jnp.array([[math.log(3.0), 0.0]])
@@ -183,10 +184,17 @@ def test_rkd_weights_and_finite_gradients():
 
 
 def test_registry():
-  assert kd.KD_LOSSES.names() == ["cxkd", "kd", "rkd", "scaled_kd"]
-  assert kd.KD_LOSSES.get("scaled_kd") is kd.scaled_kd_loss
-  with pytest.raises(UnknownNameError, match="unknown KD loss 'crd'"):
-    kd.KD_LOSSES.get("crd")
+  """One registry of the losses a kd run selects, with each recipe's defaults (RepDistiller's for kd, crd, rkd;
+  paper 004's for scaled_kd; CalibrationXferViaKD's for cxkd)."""
+  assert KD_LOSSES.names() == ["crd", "cxkd", "kd", "rkd", "scaled_kd"]
+  assert KD_LOSSES.get("scaled_kd").distill is kd.scaled_kd_loss
+  defaults = {name: (KD_LOSSES.get(name).alpha, KD_LOSSES.get(name).temperature, KD_LOSSES.get(name).relation)
+              for name in KD_LOSSES.names()}
+  assert defaults == {"kd": (0.9, 4.0, None), "scaled_kd": (0.5, 50.0, None), "cxkd": (0.9, 20.0, None),
+                      "crd": (0.0, 4.0, "crd"), "rkd": (0.0, 4.0, "rkd")}
+  assert KD_LOSSES.get("rkd").relation_defaults == {"weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0}
+  with pytest.raises(UnknownNameError, match="unknown KD loss 'fitnet'"):
+    KD_LOSSES.get("fitnet")
 
 
 def test_jittable():

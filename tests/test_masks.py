@@ -1,11 +1,11 @@
-"""Tests of the input-mask primitive shared by MTS and MDT (calibjax.distill.masks)."""
+"""Tests of the input-mask primitive shared by MTS and MDT (calibjax.masks)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calibjax.distill.masks import mask_inputs, sample_ratio
+from calibjax.masks import mask_inputs, sample_ratio
 from calibjax.errors import ConfigError
 
 KEY = jax.random.key(0)

@@ -219,12 +219,14 @@ def test_distiller_refuses_a_buffer_too_short_for_the_start_epochs():
 
 def test_default_config_uses_the_reference_table_and_argparse_defaults():
   c10 = mtt.default_config("cifar10", 10)
-  assert (c10.syn_steps, c10.expert_epochs, c10.max_start_epoch, c10.lr_img, c10.lr_lr, c10.lr_teacher,
-          c10.zca_expected) == (30, 2, 20, 100.0, 1e-5, 0.001, True)
+  assert (c10.syn_steps, c10.expert_epochs, c10.max_start_epoch, mtt.reference_row("cifar10", 10)["lr_img"],
+          c10.lr_lr, c10.lr_teacher, c10.zca_expected) == (30, 2, 20, 100.0, 1e-5, 0.001, True)
   assert mtt.default_config("cifar100", 50).batch_syn == 125
   fmnist = mtt.default_config("fashion_mnist", 10)  # the in-project row
-  assert (fmnist.syn_steps, fmnist.expert_epochs, fmnist.max_start_epoch, fmnist.batch_syn, fmnist.lr_img,
-          fmnist.lr_lr, fmnist.lr_teacher, fmnist.zca_expected) == (20, 3, 10, 0, 1000.0, 1e-7, 0.01, False)
+  assert (fmnist.syn_steps, fmnist.expert_epochs, fmnist.max_start_epoch, fmnist.batch_syn,
+          mtt.reference_row("fashion_mnist", 10)["lr_img"], fmnist.lr_lr, fmnist.lr_teacher,
+          fmnist.zca_expected) == (20, 3, 10, 0, 1000.0, 1e-7, 0.01, False)
+  assert "lr_img" not in fmnist  # MTT's image lr is the shared distill.lr_img, set from the row
   mnist = mtt.default_config("mnist", 10)  # the reference's argparse defaults
   assert (mnist.syn_steps, mnist.expert_epochs, mnist.max_start_epoch, mnist.lr_lr) == (20, 3, 25, 1e-5)
   assert (fmnist.buffer_dir, fmnist.memory, fmnist.unroll) == ("", "none", "auto")
@@ -245,4 +247,4 @@ def test_cpu_budget_minibatches_the_ipc10_student_steps_only():
   assert [(d.iterations, d.mtt.batch_syn, d.mtt.syn_steps) for d in budgets.values()] == [(150, 0, 20),
                                                                                            (150, 10, 20)]
   paper = module.get_config("method=mtt,ipc=10").distill
-  assert (paper.iterations, paper.mtt.batch_syn) == (5000, 0)
+  assert (paper.iterations, paper.mtt.batch_syn, paper.lr_img) == (5000, 0, 1000.0)

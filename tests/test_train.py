@@ -18,8 +18,7 @@ from calibjax.train import schedules
 from calibjax.train import step as step_lib
 
 
-def ce(logits, labels, loss_state):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+ce = step_lib.label_loss(lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
 
 
 def tiny_problem(n=64, seed=0):
@@ -111,7 +110,8 @@ def test_four_devices_match_one_device():
       labels = rng.integers(0, 3, 32).astype(np.int32)
       net = models.build("convnet", num_classes=3, input_shape=(8, 8, 1), width=8, depth=1, norm="batch")
       tx = optax.sgd(0.1, momentum=0.9)
-      ce = lambda logits, y, s: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      ce = step_lib.label_loss(
+          lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
       finals = []
       for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.make_mesh(devices)

@@ -12,8 +12,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from calibjax import data as data_lib
 from calibjax.calibration.metrics import InvalidInputError
+from calibjax.data.prepare import Splits
 from calibjax.errors import ConfigError
 from calibjax.registry import Registry
 
@@ -169,3 +172,39 @@ def ood_report(*, in_logits: jax.Array, out_logits: jax.Array, score: str = "msp
   values = {"auroc": ood_auroc(**pair), "aupr_in": aupr(**pair, positive="in"),
             "aupr_out": aupr(**pair, positive="out"), "fpr95": fpr_at_tpr(**pair, tpr=0.95)}
   return {key: float(value) for key, value in jax.device_get(values).items()}
+
+
+def shifted_sets(*, noise_sigmas, dataset: str, splits: Splits, data_dir: str | None, key: jax.Array) -> dict:
+  """Shifted versions of the test inputs, in the network's (normalised) input space.
+
+  "gaussian_noise_<sigma>" for each of `noise_sigmas`: the test images plus N(0, sigma²) noise (sigma in
+  normalised units);
+  `dataset` (optional): that dataset's test split, converted to the source's channels and size (bilinear)
+  and passed through the transforms of `splits` (the source run's normalisation / ZCA).
+  """
+  sets = {}
+  for sigma in noise_sigmas:
+    noise = sigma * np.asarray(jax.random.normal(jax.random.fold_in(key, int(sigma * 1000)),
+                                                 splits.test_images.shape))
+    sets[f"gaussian_noise_{sigma:g}"] = (splits.test_images + noise).astype(np.float32)
+  if dataset:
+    other = data_lib.load(dataset, "test", data_dir=data_dir)
+    images = np.asarray(jax.image.resize(other.images, (len(other.images), *splits.input_shape[:2],
+                                                        other.images.shape[-1]), "bilinear"))
+    channels = splits.input_shape[-1]
+    if images.shape[-1] != channels:  # gray <-> colour: repeat or average the channels
+      images = np.repeat(images, channels, -1) if images.shape[-1] == 1 else images.mean(-1, keepdims=True)
+    transform_classes = {"normalize": data_lib.Normalize, "zca": data_lib.ZCA}
+    for name, state in splits.transforms.items():
+      images = np.asarray(transform_classes[name].from_dict(state).apply(images))
+    sets[dataset] = images.astype(np.float32)
+  return sets
+
+
+def out_of_distribution(*, in_logits: np.ndarray, out_logits: np.ndarray, temperatures: dict) -> dict:
+  """OOD detection quality of each score, computed on logits / T for each temperature (max logit ignores T)."""
+  report = {"max_logit": ood_report(in_logits=in_logits, out_logits=out_logits, score="max_logit")}
+  for name, t in temperatures.items():
+    for score in ("msp", "energy"):
+      report[f"{score}_{name}"] = ood_report(in_logits=in_logits / t, out_logits=out_logits / t, score=score)
+  return report

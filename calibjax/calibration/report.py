@@ -15,7 +15,13 @@ import numpy as np
 from calibjax.calibration import metrics, plots, posthoc
 from calibjax.data import split_per_class
 
+# Metrics summarised as mean ± std over networks, for the raw network and after each calibrator.
+SUMMARY_METRICS = ("accuracy", "nll", "ece", "ece_10", "sce", "ace", "oe", "mce", "brier", "mean_confidence",
+                   "confidence_gap")
 LogitsFn = Callable[[np.ndarray], np.ndarray]
+# Probabilities from histogram binning or isotonic regression can be exactly 0; the NLL of such a calibrator is
+# computed from probabilities clipped at this floor (and renormalised) instead of being infinite.
+PROB_FLOOR = 1e-12
 
 
 def calibrate_and_report(*, logits_fn: LogitsFn, val_images: np.ndarray, val_labels: np.ndarray,
@@ -71,3 +77,37 @@ def calibrate_and_report(*, logits_fn: LogitsFn, val_images: np.ndarray, val_lab
 
 def _jsonable(table):
   return jax.tree.map(lambda v: v.item() if hasattr(v, "item") else v, table)
+
+
+def posthoc_report(name: str, *, val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
+                   test_labels: np.ndarray, n_bins: int, raw_confidence_gap: float) -> tuple[dict, np.ndarray]:
+  """Fits the calibrator `name` of `posthoc.CALIBRATORS` on validation logits and reports it on test logits.
+
+  Returns:
+    (calibration_report of the calibrated test probabilities (NLL from probabilities floored at `PROB_FLOOR`)
+    with "over_calibrated" — and "temperature" for the temperature calibrators —, the calibrated test
+    probabilities (N, K)).
+  """
+  calibrator = posthoc.CALIBRATORS.get(name)
+  params = calibrator.fit(logits=jnp.asarray(val_logits), labels=jnp.asarray(val_labels))
+  probs = np.asarray(calibrator.apply(params, jnp.asarray(test_logits)))
+  floored = np.maximum(probs, PROB_FLOOR)
+  report = metrics.calibration_report(logits=jnp.log(floored / floored.sum(-1, keepdims=True)),
+                                      labels=jnp.asarray(test_labels), n_bins=n_bins)
+  report["over_calibrated"] = bool(raw_confidence_gap > 0 and report["confidence_gap"] < 0)
+  if name.startswith("temperature"):
+    report["temperature"] = float(params)
+  return report, probs
+
+
+def summarize_networks(per_network: list[dict]) -> dict:
+  """{stage: {metric: {"mean", "std"}}} over networks (std with ddof=0, as numpy and the references), plus the
+  fraction of networks each calibrator over-calibrated."""
+  summary = {}
+  for stage in ("raw", "ts", "mts"):
+    summary[stage] = {m: {"mean": float(np.mean([r[stage][m] for r in per_network])),
+                          "std": float(np.std([r[stage][m] for r in per_network]))} for m in SUMMARY_METRICS}
+    if stage != "raw":
+      summary[stage]["over_calibrated_fraction"] = float(np.mean([r[stage]["over_calibrated"]
+                                                                  for r in per_network]))
+  return summary

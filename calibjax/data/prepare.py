@@ -61,3 +61,13 @@ def prepare(cfg: ml_collections.ConfigDict, *, seed: int) -> Splits:
   as_i32 = lambda y: np.ascontiguousarray(y, dtype=np.int32)
   return Splits(as_f32(x_train), as_i32(train.labels[train_idx]), as_f32(x_val), as_i32(train.labels[val_idx]),
                 as_f32(x_test), as_i32(test.labels), train.num_classes, train.class_names, transforms)
+
+
+def subsample_validation(splits: Splits, per_class: int, seed: int) -> Splits:
+  """Keeps a class-balanced `per_class` of the validation split (0 keeps all): fitting TS and selecting the MTS
+  ratio for K networks costs K x (1 + 2 x len(mts_ratios)) passes over it."""
+  if not per_class:
+    return splits
+  keep = data_lib.class_balanced_indices(splits.val_labels, per_class, seed=seed, num_classes=splits.num_classes)
+  return dataclasses.replace(splits, val_images=splits.val_images[keep], val_labels=splits.val_labels[keep])
+

@@ -129,3 +129,38 @@ def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int,
   perm = np.random.default_rng([seed, epoch]).permutation(n)
   stop = n - n % batch_size if drop_remainder else n
   return [perm[start:start + batch_size] for start in range(0, stop, batch_size)]
+
+
+def herding_indices(features: np.ndarray, labels: np.ndarray, *, per_class: int, num_classes: int) -> np.ndarray:
+  """Herding selection (Welling, ICML 2009), per class, class-major order.
+
+  For each class, greedily picks the example whose feature brings the mean of the picked features closest (L2)
+  to the class mean, without replacement: the coreset baseline of DC/DSA/DM, which embed with a network trained
+  on the real data.
+
+  Args:
+    features: (N, D) embeddings.
+    labels: (N,) int labels.
+    per_class: examples to pick per class.
+    num_classes: C.
+
+  Returns:
+    int64 (C * per_class,) indices into `features`, class c's picks in rows [c * per_class, (c + 1) * per_class)
+    in pick order.
+  """
+  picks = []
+  for c, idx in enumerate(class_indices(labels, num_classes)):
+    if len(idx) < per_class:
+      raise ConfigError(f"class {c} has {len(idx)} training examples, fewer than ipc={per_class}")
+    feats = features[idx].astype(np.float64)
+    target = feats.mean(axis=0)
+    total = np.zeros_like(target)
+    available = np.ones(len(idx), bool)
+    for k in range(per_class):
+      gap = np.linalg.norm(target - (total + feats) / (k + 1), axis=1)
+      gap[~available] = np.inf
+      best = int(np.argmin(gap))
+      available[best] = False
+      total += feats[best]
+      picks.append(idx[best])
+  return np.asarray(picks, np.int64)

@@ -6,37 +6,21 @@ A method is registered as a builder `build(net, cfg, splits) -> Distiller`:
 - `cfg`: the run's `config.distill` block (method, ipc, iteration budget, the method's hyperparameters);
 - `splits`: the prepared data (`calibjax.data.prepare.Splits`; images already normalised / whitened).
 
-A `Distiller` is three functions over one checkpointable `carry` pytree (arrays only; it holds the synthetic
-set and every optimiser state, so saving the carry saves the whole run):
-
-- `init(key) -> carry`: the initial synthetic set and optimiser states;
-- `step(carry, key) -> (carry, metrics)`: ONE distillation iteration (the references' outer loop body), metrics
-  a dict of scalars (and small arrays) for the log;
-- `synset(carry) -> SyntheticSet`: the current synthetic set (what `evaluate` trains on).
-
-The driver derives iteration i's key as `fold_in(root, i)`, so a resumed run repeats exactly the iterations an
-uninterrupted run would.
+Each builder returns a `calibjax.distill.interface.Distiller` (init, step, synset over one checkpointable carry).
 """
 
 import importlib
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import ml_collections
 
 from calibjax.data.prepare import Splits
 from calibjax.distill import dm, gm, matching
-from calibjax.distill.synthetic import SyntheticSet, init_synthetic
+from calibjax.distill.interface import Distiller
+from calibjax.distill.synthetic import init_synthetic
 from calibjax.models import Network
 from calibjax.registry import Registry
-
-
-class Distiller(NamedTuple):
-  """One distillation method as pure functions over a checkpointable carry (see the module docstring)."""
-
-  init: Callable[[jax.Array], Any]
-  step: Callable[[Any, jax.Array], tuple[Any, dict]]
-  synset: Callable[[Any], SyntheticSet]
 
 
 DISTILLERS: Registry[Callable[[Network, ml_collections.ConfigDict, Splits], Distiller]] = Registry(

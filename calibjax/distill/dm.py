@@ -1,5 +1,5 @@
 """Distribution matching (DM, Zhao & Bilen WACV 2023), with optional Masked Distillation Training.
-algorithms.md §3.4.
+docs/protocols.md §3.4.
 
 One ITERATION (the reference's main_DM.py loop body), `make_dm_iteration(net, config)(images, opt_state, key,
 real)`, is one jitted function:

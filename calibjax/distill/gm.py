@@ -1,5 +1,5 @@
 """Gradient matching: Dataset Condensation (DC, Zhao et al. ICLR 2021) and its Siamese-augmentation variant
-(DSA, Zhao & Bilen ICML 2021), with optional Masked Distillation Training (MDT). algorithms.md §3.3.
+(DSA, Zhao & Bilen ICML 2021), with optional Masked Distillation Training (MDT). docs/protocols.md §3.3.
 
 One distillation ITERATION (the reference's main.py loop body), `make_gm_iteration(net, config)(images,
 opt_state, key, real)`:
@@ -56,9 +56,9 @@ import optax
 
 from calibjax.data.augment.dsa import dsa_augment
 from calibjax.distill import matching
-from calibjax.distill.masks import mask_inputs
 from calibjax.distill.synthetic import class_major_labels
 from calibjax.errors import ConfigError
+from calibjax.masks import mask_inputs
 from calibjax.models import Network
 
 # (outer_loop, inner_loop) per IPC: the reference's get_loops (utils.py).

@@ -18,7 +18,7 @@ Randomness of one matching step comes from one key, split as `aug_key, mask_key 
   ratio.
 
 MDT (Masked Distillation Training; paper 000 Sec. 4.2, Eq. 6): a Bernoulli input mask
-(`calibjax.distill.masks.mask_inputs`) on the SYNTHETIC images right before they enter the network inside the
+(`calibjax.masks.mask_inputs`) on the SYNTHETIC images right before they enter the network inside the
 matching criterion; the real batch is never masked (Eq. 6 and Sec. 5.6; Algorithm 1 line 6 writes the mask on
 the real sample, the equations are the majority reading). The mask is applied AFTER the DSA augmentation: the
 network then sees exact zeros at a fraction r of its inputs, which is what Eq. 6 writes (Mask(B', r) is the
@@ -39,8 +39,8 @@ import optax
 
 from calibjax.data.augment.dsa import DEFAULT_STRATEGY, DSAParams, dsa_augment, strategy_families
 from calibjax.data.sampling import class_indices
-from calibjax.distill.masks import GRANULARITIES, mask_inputs, sample_ratio
 from calibjax.errors import ConfigError
+from calibjax.masks import GRANULARITIES, mask_inputs, sample_ratio
 from calibjax.models import Network
 
 METRICS = ("ours", "mse", "cos")

@@ -1,5 +1,5 @@
 """Trajectory matching (MTT; Cazenavette et al., CVPR 2022) with a learned student lr, optional Masked
-Distillation Training (MDT) and three memory modes for the unrolled student. algorithms.md §2, §1.9.
+Distillation Training (MDT) and three memory modes for the unrolled student. docs/protocols.md §2, §1.9.
 
 One distillation ITERATION (the reference's distill.py loop body), from one key:
 
@@ -9,7 +9,7 @@ One distillation ITERATION (the reference's distill.py loop body), from one key:
    `jax.lax.scan` over the pure `net.apply` (no flat-parameter re-implementation of the model). X_k is the
    next chunk of `batch_syn` images of a random permutation of the synthetic set, re-permuted when exhausted
    (the reference's `indices_chunks`); DSA is non-Siamese (per-sample parameters); the MDT mask (if on) is
-   applied after the augmentation with `calibjax.distill.masks.mask_inputs`, the primitive MTS and the
+   applied after the augmentation with `calibjax.masks.mask_inputs`, the primitive MTS and the
    gradient-matching MDT use (paper 000 Eq. 8: every student step sees Mask(B′, r));
 3. loss = ‖θ_N − θ*‖² / ‖θ₀ − θ*‖², both sums over all parameters;
 4. one SGD-with-momentum step on the images (lr_img, momentum 0.5) and one on the learned lr (lr_lr,
@@ -31,7 +31,8 @@ fixed shapes.
 Memory (`memory`):
 
 - "none": reverse-mode through the scan; XLA keeps every step's activations of the second-order graph, so
-  peak memory grows linearly in N (the reference: +0.36 GB per step at Fashion-MNIST IPC 10, anchors.md).
+  peak memory grows linearly in N (the reference: +0.36 GB per step at Fashion-MNIST IPC 10,
+  docs/reference-quirks.md §9).
 - "remat": `jax.checkpoint` of the scan body; the backward pass recomputes one step at a time, so only the
   parameters θ_k of each step are stored (N·|θ|, 1.3 MB per step for ConvNet-3 on 28 px) instead of its
   activations. Gradients equal "none" up to float reassociation.
@@ -69,19 +70,19 @@ import optax
 
 from calibjax.data.augment.dsa import DSAParams, dsa_augment
 from calibjax.data.prepare import Splits
+from calibjax.distill import buffer as buffer_lib
 from calibjax.distill import matching
-# distillers imports this module on use only, so importing it here makes no cycle.
-from calibjax.distill.distillers import Distiller
-from calibjax.distill.masks import mask_inputs
+from calibjax.distill.interface import Distiller
 from calibjax.distill.synthetic import class_major_labels, init_synthetic
 from calibjax.errors import ConfigError
+from calibjax.masks import mask_inputs
 from calibjax.models import Network
 
 MEMORY_MODES = ("none", "remat", "tesla")
 UNROLLS = ("auto", "rolled", "full")
 
 # The reference's argparse defaults (distill.py:413-473), used for every (dataset, ipc) not in the table.
-# MTT and its follow-ups publish no MNIST / Fashion-MNIST hyperparameters (algorithms.md §2.4): the
+# MTT and its follow-ups publish no MNIST / Fashion-MNIST hyperparameters (docs/protocols.md §2.4): the
 # Fashion-MNIST values are these defaults, not published values, and are to be tuned in-project.
 _ARGPARSE = dict(syn_steps=20, expert_epochs=3, max_start_epoch=25, batch_syn=0, lr_img=1000.0, lr_lr=1e-5,
                  lr_teacher=0.01, zca=False)
@@ -92,7 +93,7 @@ def _row(syn_steps, expert_epochs, max_start_epoch, batch_syn, lr_img, lr_lr, lr
               batch_syn=batch_syn, lr_img=float(lr_img), lr_lr=lr_lr, lr_teacher=lr_teacher, zca=zca)
 
 
-# algorithms.md §2.4: the author's table as transcribed in a third-party README (the official one is an image,
+# docs/protocols.md §2.4: the author's table as transcribed in a third-party README (the official one is an image,
 # mtt-distillation#7). batch_syn 0 = the whole synthetic set.
 TABLE = {
     ("cifar10", 1): _row(50, 2, 2, 0, 100, 1e-7, 0.01, True),
@@ -123,19 +124,25 @@ TABLE = {
 IN_PROJECT = {("fashion_mnist", ipc): _row(20, 3, 10, 0, 1000, 1e-7, 0.01, False) for ipc in (1, 10)}
 
 
-def default_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
-  """The reference's MTT hyperparameters for `dataset` at `ipc` (the `config.distill.mtt` block).
+def reference_row(dataset: str, ipc: int) -> dict:
+  """The reference's MTT hyperparameters for `dataset` at `ipc`, `lr_img` (the image lr, `distill.lr_img`)
+  included.
 
   (dataset, ipc) pairs of the published table (`TABLE`: cifar10, cifar100, tiny_imagenet, imagenette at IPC 1,
   10, 50) get its row; Fashion-MNIST at IPC 1 and 10 the in-project row (`IN_PROJECT`: no published values
   exist); every other pair the reference's argparse defaults, which are not published values for it.
+  """
+  return dict(TABLE.get((dataset, ipc)) or IN_PROJECT.get((dataset, ipc), _ARGPARSE))
+
+
+def default_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
+  """The `config.distill.mtt` block of `reference_row(dataset, ipc)` (its `lr_img` goes to `distill.lr_img`).
 
   Fields:
     syn_steps: N, student steps per iteration.
     expert_epochs: M, expert epochs between the start and the target parameters.
     max_start_epoch: start epochs are drawn from [0, max_start_epoch).
     batch_syn: synthetic images per student step; 0 = the whole synthetic set.
-    lr_img: SGD lr of the images (the MTT value; the shared `distill.lr_img` is not used by MTT).
     lr_lr: SGD lr of the learned student lr (see the module docstring for how it is applied).
     lr_teacher: initial student lr.
     zca_expected: whether the reference whitens this dataset/IPC with ZCA (informational: the data config
@@ -145,13 +152,12 @@ def default_config(dataset: str, ipc: int) -> ml_collections.ConfigDict:
     memory: "none" | "remat" | "tesla" (module docstring).
     unroll: "auto" | "rolled" | "full" (module docstring).
   """
-  row = TABLE.get((dataset, ipc)) or IN_PROJECT.get((dataset, ipc), _ARGPARSE)
+  row = reference_row(dataset, ipc)
   c = ml_collections.ConfigDict()
   c.syn_steps = row["syn_steps"]
   c.expert_epochs = row["expert_epochs"]
   c.max_start_epoch = row["max_start_epoch"]
   c.batch_syn = row["batch_syn"]
-  c.lr_img = row["lr_img"]
   c.lr_lr = row["lr_lr"]
   c.lr_teacher = row["lr_teacher"]
   c.zca_expected = row["zca"]
@@ -465,7 +471,7 @@ def make_distiller(net: Network, config: MTTConfig, splits: Splits, trajectories
 def config_from(cfg: ml_collections.ConfigDict) -> MTTConfig:
   """`MTTConfig` from a run's `config.distill` block (shared fields + `cfg.mtt`)."""
   m = cfg.mtt
-  return MTTConfig(ipc=cfg.ipc, lr_img=m.lr_img, momentum=cfg.momentum, dsa_strategy=cfg.dsa_strategy,
+  return MTTConfig(ipc=cfg.ipc, lr_img=cfg.lr_img, momentum=cfg.momentum, dsa_strategy=cfg.dsa_strategy,
                    dsa_params=DSAParams(align_corners=cfg.dsa_align_corners), mdt=cfg.mdt,
                    mdt_ratio=cfg.mdt_ratio, mdt_granularity=cfg.mdt_granularity, syn_steps=m.syn_steps,
                    expert_epochs=m.expert_epochs, max_start_epoch=m.max_start_epoch,
@@ -476,7 +482,7 @@ def config_from(cfg: ml_collections.ConfigDict) -> MTTConfig:
 def build_distiller(net: Network, cfg: ml_collections.ConfigDict, splits: Splits) -> Distiller:
   """The `mtt` entry of `calibjax.distill.distillers.DISTILLERS`.
 
-  Reads `cfg.ipc, init, momentum, dsa_strategy, dsa_align_corners, mdt, mdt_ratio, mdt_granularity` and
+  Reads `cfg.ipc, init, lr_img, momentum, dsa_strategy, dsa_align_corners, mdt, mdt_ratio, mdt_granularity` and
   `cfg.mtt.*` (`default_config`); loads the buffer at `cfg.mtt.buffer_dir` once (only the snapshots an
   iteration can reach, and the first `max_experts` experts) and refuses one built for other data or another
   model.
@@ -485,8 +491,6 @@ def build_distiller(net: Network, cfg: ml_collections.ConfigDict, splits: Splits
     ConfigError: no buffer_dir, or settings the buffer cannot serve.
     CheckpointError: the buffer is missing, unreadable or does not match `net` / `splits`.
   """
-  from calibjax.distill import buffer as buffer_lib  # buffer imports the training loop; only MTT needs it.
-
   config = config_from(cfg)
   if not cfg.mtt.buffer_dir:
     raise ConfigError("MTT needs expert trajectories: run method 'buffer' (configs/buffer.py) and set "

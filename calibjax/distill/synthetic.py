@@ -20,7 +20,7 @@ import numpy as np
 
 from calibjax.data.sampling import class_balanced_indices
 from calibjax.errors import CheckpointError, ConfigError
-from calibjax.train.workdir import publish
+from calibjax.files import publish
 
 INITS = ("real", "noise")
 # Keys of an exported archive; transform fields are stored as "transform/<name>/<field>".
@@ -162,3 +162,29 @@ def load_npz(path: str) -> tuple[SyntheticSet, str, dict[str, dict[str, Any]]]:
         name, field = key[len(_TRANSFORM_PREFIX):].split("/", 1)
         transforms[name][field] = archive[key]
     return synset, str(archive["config_json"]), transforms
+
+
+def save_image_grid(path: str, images: np.ndarray, *, num_classes: int, class_names=()) -> None:
+  """One row per class, one column per image; each image min-max scaled on its own (the network's input space
+  has no fixed pixel range after normalisation or ZCA)."""
+  import matplotlib  # Imported here: only the end of a distill run draws.
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  images = np.asarray(images, np.float32)
+  ipc = len(images) // num_classes
+  shown = min(ipc, 10)
+  fig, axes = plt.subplots(num_classes, shown, figsize=(shown * 0.9 + 1.2, num_classes * 0.9), squeeze=False)
+  for c in range(num_classes):
+    for j in range(shown):
+      image = images[c * ipc + j]
+      image = (image - image.min()) / max(float(image.max() - image.min()), 1e-12)
+      ax = axes[c, j]
+      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    if class_names:
+      axes[c, 0].set_ylabel(str(class_names[c]), rotation=0, ha="right", va="center", fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

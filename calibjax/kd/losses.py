@@ -13,17 +13,14 @@ Conventions shared by every loss here:
     `kl_div(log p_s, p_t)`; terms with p_t,k = 0 are 0.
 
 `combined` mixes a distillation term with a task loss (any `calibjax.calibration.losses` value), as the
-papers do; `KD_LOSSES` maps names to the loss functions.
+papers do. The registry of the losses a `kd` run selects is `calibjax.kd.objective.KD_LOSSES`.
 """
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from calibjax.calibration.losses import apply_reduction, cross_entropy
 from calibjax.errors import ConfigError
-from calibjax.registry import Registry
 
 # RepDistiller's RKD: pairwise distances clamp their square at 1e-12 before the square root, and F.normalize
 # divides by max(norm, 1e-12).
@@ -85,7 +82,7 @@ def scaled_kd_loss(*, student_logits: jax.Array, teacher_logits: jax.Array, temp
   is same as number of classes)", Eq. 12 writes (1 / n_c) KL[f_t || f_s], and every "KD" of that paper is this
   scaled form, with T = 50 (the default here) and alpha = 0.5. The paper has no public code and does not say
   whether T² stays; it builds on the RepDistiller loss, which has it, so it is kept: per sample T² · KL / K,
-  i.e. PyTorch's `KLDivLoss(reduction='mean')` (an element mean over B·K) times T² (algorithms.md §5.1). At
+  i.e. PyTorch's `KLDivLoss(reduction='mean')` (an element mean over B·K) times T² (docs/protocols.md §5.1). At
   T = 50, K = 100 the factor is 25. For mixup, Eq. 12 adds this loss on both mixed sources (call it twice).
 
   Args:
@@ -230,8 +227,3 @@ def rkd_loss(*, student_embeddings: jax.Array, teacher_embeddings: jax.Array, di
   """
   kwargs = dict(student_embeddings=student_embeddings, teacher_embeddings=teacher_embeddings)
   return distance_weight * rkd_distance_loss(**kwargs) + angle_weight * rkd_angle_loss(**kwargs)
-
-
-KD_LOSSES: Registry[Callable[..., jax.Array]] = Registry("KD loss")
-for _name, _fn in (("kd", kd_loss), ("scaled_kd", scaled_kd_loss), ("cxkd", cxkd_loss), ("rkd", rkd_loss)):
-  KD_LOSSES.register(_name)(_fn)

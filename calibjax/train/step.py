@@ -1,17 +1,16 @@
-"""Pure, jitted training and prediction steps over a plain-dict train state.
+"""Pure, jitted training and prediction steps over a plain-dict train state, with one loss protocol.
 
-TrainState = {"step": int32 scalar, "params": ..., "model_state": ..., "opt_state": ..., "loss_state": ...}
-(`loss_state` carries the state of stateful calibration losses such as AdaFocal's per-bin gammas; {} otherwise).
+TrainState = {"step": int32 scalar, "params": ..., "model_state": ..., "opt_state": ..., "objective": ...}
 
-Two kinds of loss:
-  * `LossFn` `(logits, labels, loss_state) -> scalar`: differentiated w.r.t. the network's params only; the
-    step leaves `loss_state` as it is (an end-of-epoch hook of the loop may replace it).
-  * `FeatureLoss`: also sees the student's penultimate features and the whole (transformed) batch, and has
-    trainable parameters of its own and buffers it updates every step (CRD: two embedding heads; memory
-    banks). Its `loss_state` is `feature_loss_state(...)` = {"params", "opt_state", "buffers"}: the step
-    differentiates w.r.t. the network's params and `loss_state["params"]` together, updates both with the same
-    optimiser (for calibjax's SGD, per-parameter weight decay and momentum, that equals one optimiser over
-    both trees; a global-norm clip would differ) and stores the buffers the loss returns.
+Every training loss is an `Objective`: a function of the forward pass and the batch, with parameters and state
+of its own where it has them. The batch carries everything per-sample as named fields: "images", "labels"
+((B,) int or (B, K) soft targets), and what a method adds ("index": dataset positions, "teacher_log_probs",
+"teacher_features", ...); nothing is packed into the labels. `objective` in the train state is
+{"params": trainable parameters of the loss (CRD's heads; {} for most losses), "opt_state": their optimiser
+state, "state": what the loss carries between steps (CRD's memory banks, AdaFocal's per-bin gammas)}. The step
+differentiates w.r.t. the network's params and the objective's params together and updates both with the same
+optimiser (for calibjax's SGD, per-parameter weight decay and momentum, that equals one optimiser over both
+trees; a global-norm clip would differ).
 """
 
 import dataclasses
@@ -28,28 +27,36 @@ from calibjax import parallel
 from calibjax.models import Network
 
 TrainState = dict[str, Any]
-# loss_fn(logits, labels, loss_state) -> scalar; labels are int (B,) or soft (B, K).
-LossFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
-# batch_transform(key, batch) -> batch: augmentation, mixup/CutMix (which may turn labels soft), masking.
+# batch_transform(key, batch) -> batch: augmentation, mixup/CutMix (which may turn labels soft), masking, the
+# teacher's outputs of a KD run.
 BatchTransform = Callable[[jax.Array, dict], dict]
 
 
 @dataclasses.dataclass(frozen=True)
-class FeatureLoss:
-  """A loss over features with trainable parameters and per-step buffers (module docstring).
+class Objective:
+  """A training loss and its own parameters and state.
 
   Attributes:
-    fn: `(loss_params, *, logits (R, K), features (R, D), batch, buffers, key) -> (scalar loss, new buffers)`;
-      `features` are the student's penultimate features (`apply_with_features`) of the same forward pass as
-      the logits, `batch` is the transformed batch, `key` is the step's key for the loss's own randomness.
+    fn: `(params, state, *, logits (B', K), features (B', D) or None, batch, key) -> (scalar loss, new state)`;
+      `batch` is the transformed batch, `key` the step's key for the loss's own randomness (independent of the
+      batch transform's), `params` and `state` the objective's (module docstring).
+    params: initial trainable parameters ({} for a loss without any).
+    state: initial state carried between steps ({} for a stateless loss).
+    uses_features: the loss reads the network's penultimate features of the same forward pass.
+    uses_indices: the loss reads the batch field "index", each example's position in the training array
+      (per-sample state such as CRD's memory banks).
   """
 
   fn: Callable[..., tuple[jax.Array, Any]]
+  params: Any = dataclasses.field(default_factory=dict)
+  state: Any = dataclasses.field(default_factory=dict)
+  uses_features: bool = False
+  uses_indices: bool = False
 
 
-def feature_loss_state(params: Any, buffers: Any, tx: optax.GradientTransformation) -> dict:
-  """The initial `loss_state` of a `FeatureLoss`: its parameters, their optimiser state, its buffers."""
-  return {"params": params, "opt_state": tx.init(params), "buffers": buffers}
+def label_loss(loss: Callable[[jax.Array, jax.Array], jax.Array]) -> Objective:
+  """The `Objective` of a stateless loss `loss(logits, labels) -> scalar` of the logits and the batch's labels."""
+  return Objective(lambda params, state, *, logits, features, batch, key: (loss(logits, batch["labels"]), state))
 
 
 def apply_with_features(net: Network, params, model_state, x: jax.Array, *, train: bool = False
@@ -67,51 +74,55 @@ def apply_with_features(net: Network, params, model_state, x: jax.Array, *, trai
 
 
 def init_train_state(net: Network, tx: optax.GradientTransformation, key: jax.Array, *,
-                     loss_state: Any = None) -> TrainState:
+                     objective: Objective | None = None) -> TrainState:
+  """The state before the first step: the network initialised from `key`, fresh optimiser states."""
   params, model_state = net.init(key)
+  objective = objective or Objective(fn=None)
   return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-          "opt_state": tx.init(params), "loss_state": {} if loss_state is None else loss_state}
+          "opt_state": tx.init(params),
+          "objective": {"params": objective.params, "opt_state": tx.init(objective.params) if
+                        jax.tree.leaves(objective.params) else {}, "state": objective.state}}
 
 
-def make_train_step(net: Network, loss_fn: LossFn | FeatureLoss, tx: optax.GradientTransformation, *,
+def make_train_step(net: Network, objective: Objective, tx: optax.GradientTransformation, *,
                     batch_transform: BatchTransform | None = None):
   """Returns `step(state, key, batch) -> (state, metrics)`.
 
-  `key` is the run's root key; the step folds in its own counter, so the randomness of step t does not depend on
+  `key` is the run's steps key; the step folds in its own counter, so the randomness of step t does not depend on
   how the run was split into resumed pieces. `batch` = {"images": (B, H, W, C), "labels": (B,) int} and any
-  per-sample extras (e.g. "index", the dataset positions, for a `FeatureLoss`).
+  per-sample fields (e.g. "index", the dataset positions). Metrics: the loss and the accuracy against the
+  (transformed) labels, their argmax when soft.
   """
-  feature_loss = isinstance(loss_fn, FeatureLoss)
+  trains_params = bool(jax.tree.leaves(objective.params))
 
   def step(state: TrainState, key: jax.Array, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(key, state["step"])
     if batch_transform is not None:
       batch = batch_transform(key, batch)
-    loss_state = state["loss_state"]
+    own = state["objective"]
 
-    def objective(params, loss_params):
-      if not feature_loss:
-        logits, model_state = net.apply(params, state["model_state"], batch["images"], train=True)
-        return loss_fn(logits, batch["labels"], loss_state), (logits, model_state, None)
-      logits, features, model_state = apply_with_features(net, params, state["model_state"], batch["images"],
-                                                          train=True)
+    def total(params, objective_params):
+      if objective.uses_features:
+        logits, features, model_state = apply_with_features(net, params, state["model_state"], batch["images"],
+                                                            train=True)
+      else:
+        (logits, model_state), features = net.apply(params, state["model_state"], batch["images"], train=True), None
       # fold_in(key, 1): the loss's randomness is independent of the batch transform's (which splits `key`).
-      loss, buffers = loss_fn.fn(loss_params, logits=logits, features=features, batch=batch,
-                                 buffers=loss_state["buffers"], key=jax.random.fold_in(key, 1))
-      return loss, (logits, model_state, buffers)
+      loss, objective_state = objective.fn(objective_params, own["state"], logits=logits, features=features,
+                                           batch=batch, key=jax.random.fold_in(key, 1))
+      return loss, (logits, model_state, objective_state)
 
-    loss_params = loss_state["params"] if feature_loss else {}
-    (loss, (logits, model_state, buffers)), (grads, loss_grads) = jax.value_and_grad(
-        objective, argnums=(0, 1), has_aux=True)(state["params"], loss_params)
+    (loss, (logits, model_state, objective_state)), (grads, objective_grads) = jax.value_and_grad(
+        total, argnums=(0, 1), has_aux=True)(state["params"], own["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    if feature_loss:
-      loss_updates, loss_opt_state = tx.update(loss_grads, loss_state["opt_state"], loss_params)
-      loss_state = {"params": optax.apply_updates(loss_params, loss_updates), "opt_state": loss_opt_state,
-                    "buffers": buffers}
+    own = dict(own, state=objective_state)
+    if trains_params:
+      objective_updates, objective_opt_state = tx.update(objective_grads, own["opt_state"], own["params"])
+      own.update(params=optax.apply_updates(own["params"], objective_updates), opt_state=objective_opt_state)
     hard_labels = batch["labels"] if batch["labels"].ndim == 1 else jnp.argmax(batch["labels"], -1)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == hard_labels)}
     new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
-                     model_state=model_state, opt_state=opt_state, loss_state=loss_state)
+                     model_state=model_state, opt_state=opt_state, objective=own)
     return new_state, metrics
 
   return step

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 
 from calibjax.calibration import metrics
-from calibjax.distill.masks import mask_inputs
 from calibjax.errors import ConfigError
+from calibjax.masks import mask_inputs
 
 TS_METHODS = ("converged", "lbfgs_reference")
 MASK_TARGETS = ("input", "logits")
@@ -285,7 +285,7 @@ def fit_masked_temperature(*, logits_fn: Callable[[jax.Array], jax.Array], input
 
   Two readings of the paper:
 
-  - `mask_target="input"` (default; the code): zero input elements (`calibjax.distill.masks.mask_inputs`, in
+  - `mask_target="input"` (default; the code): zero input elements (`calibjax.masks.mask_inputs`, in
     the network's input space, i.e. after normalisation) with probability `ratio`.
   - `mask_target="logits"` (Eq. 4 taken literally, `softmax(z * mask / T)`): zero logit entries of the clean
     inputs with probability `ratio` (element granularity only).

@@ -55,6 +55,6 @@ def make_batch_transform(cfg: ml_collections.ConfigDict, *, num_classes: int):
                mixing.cutmix(mix_key, images, labels, alpha=cfg.cutmix_alpha, prob=cfg.cutmix_prob,
                              num_classes=num_classes))
       images, labels = mixed.images, mixing.mixed_targets(mixed, num_classes)
-    return {"images": images, "labels": labels}
+    return {**batch, "images": images, "labels": labels}  # other per-sample fields pass through
 
   return transform

@@ -1,0 +1,140 @@
+"""Builders the methods share: the network, the optimiser, the training objective, and finished runs restored
+from their workdirs (a teacher, a calibration source, a herding embedding, a distilled set).
+
+This module sits between the libraries and `calibjax.runs`: the methods import it, no library does.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from calibjax import models
+from calibjax.calibration import losses
+from calibjax.data.prepare import Splits, prepare
+from calibjax.distill.synthetic import load_npz
+from calibjax.errors import CheckpointError, ConfigError
+from calibjax.train import schedules
+from calibjax.train import step as step_lib
+from calibjax.train.checkpoint import Checkpointer
+
+SYNTHETIC_FILE = "synthetic.npz"
+# The data settings that define the input space a network was trained in: a run that reuses another run's
+# network (a teacher, a herding embedding) must share them.
+INPUT_SPACE_KEYS = ("name", "normalize", "zca", "zca_eps")
+
+
+def network(model_cfg: ml_collections.ConfigDict, splits: Splits) -> models.Network:
+  options = {k: v for k, v in model_cfg.items() if k != "name"}
+  return models.build(model_cfg.name, num_classes=splits.num_classes, input_shape=splits.input_shape, **options)
+
+
+def optimizer(train_cfg: ml_collections.ConfigDict, *, steps_per_epoch: int, lr: float | None = None):
+  """SGD of a `train` block; `lr` overrides the block's (an MTT set's learned lr)."""
+  schedule = schedules.make_schedule(train_cfg.schedule, base_lr=train_cfg.lr if lr is None else lr,
+                                     epochs=train_cfg.epochs,
+                                     steps_per_epoch=steps_per_epoch, milestones=train_cfg.milestones)
+  return schedules.make_optimizer(lr_schedule=schedule, momentum=train_cfg.momentum,
+                                  nesterov=train_cfg.nesterov, weight_decay=train_cfg.weight_decay)
+
+
+def objective(loss_cfg: ml_collections.ConfigDict):
+  """The `step.Objective` of a calibration loss, and its end-of-epoch state update (None when stateless).
+
+  AdaFocal's state (per-bin gammas) is updated from validation logits after every epoch, as the official
+  AdaFocal does: `update(state, val_logits=..., val_labels=...) -> state`.
+  """
+  loss = losses.make_loss(loss_cfg.name, **loss_cfg.hparams)
+  if not losses.LOSSES.get(loss_cfg.name).stateful:
+    return step_lib.label_loss(loss), None
+
+  def fn(params, state, *, logits, features, batch, key):
+    return loss(logits, batch["labels"], state), state
+
+  return step_lib.Objective(fn, state=losses.adafocal_init()), losses.adafocal_update
+
+
+def logits_fn(net: models.Network, state: step_lib.TrainState, mesh, batch_size: int, *, predict_fn=None):
+  """`images (host) -> logits (host)` of a trained network in inference mode; pass the `predict_fn` of
+  `step.make_predict_fn` to reuse one compiled function across networks of the same architecture."""
+  predict_fn = predict_fn or step_lib.make_predict_fn(net, mesh)
+  return lambda images: step_lib.predict(predict_fn, state["params"], state["model_state"], images,
+                                         batch_size=batch_size, mesh=mesh)
+
+
+def run_config(workdir: str, *, methods: tuple[str, ...], role: str) -> ml_collections.ConfigDict:
+  """The config of the run in `workdir`, which must be a run of one of `methods`; `role` names the config key
+  that pointed there (for the error message)."""
+  config_path = os.path.join(workdir, "config.json") if workdir else ""
+  if not workdir or not os.path.exists(config_path):
+    raise CheckpointError(f"{role} '{workdir}' is not a calibjax run (no config.json); set it to the --workdir "
+                          f"of a finished {' or '.join(methods)} run")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.method not in methods:
+    raise CheckpointError(f"{role} {workdir} holds a '{config.method}' run; it must be a {' or '.join(methods)} "
+                          "run")
+  return config
+
+
+def restore_run(workdir: str, *, methods: tuple[str, ...] = ("train",), role: str = "the source"):
+  """A finished `train` (or `kd`) run, read-only: (config, splits, network, train state without its objective).
+
+  The data splits are recomputed from the run's own config and seed, so the held-out validation split is exactly
+  the one the run did not train on.
+  """
+  config = run_config(workdir, methods=methods, role=role)
+  splits = prepare(config.data, seed=config.seed)
+  net = network(config.model, splits)
+  tx = optimizer(config.train, steps_per_epoch=len(splits.train_images) // config.train.batch_size)
+  like = step_lib.init_train_state(net, tx, jax.random.key(0))
+  with Checkpointer(os.path.join(workdir, "checkpoints")) as checkpoints:
+    step = checkpoints.latest_step()
+    if step != config.train.epochs:
+      raise CheckpointError(f"{workdir} has no final checkpoint (latest epoch {step} of {config.train.epochs}); "
+                            f"finish that run first by running its command again")
+    state, _ = checkpoints.restore(step, like)
+  return config, splits, net, state
+
+
+def check_input_space(ours: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict, *, role: str) -> None:
+  """Refuses, in one line, a network trained on differently prepared inputs (`INPUT_SPACE_KEYS`)."""
+  for key in INPUT_SPACE_KEYS:
+    if ours.get(key) != theirs.get(key):
+      raise ConfigError(f"{role} was trained with data.{key}={theirs.get(key)!r} but this run uses "
+                        f"{ours.get(key)!r}; set --config.data.{key}={theirs.get(key)!r} or pick another {role}")
+
+
+def results_of(workdir: str) -> dict | None:
+  """The results.json of a finished run (None if it has none)."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def synthetic_set(source: str):
+  """A distilled set (a `distill` workdir or its .npz) with the splits of the run that distilled it.
+
+  Returns:
+    (synthetic set, splits, source config, path): validation and test data come from the distillation run's own
+    data config and seed, so the held-out validation split is exactly the one distillation never saw, in the
+    same input space as the images.
+  """
+  path = os.path.join(source, SYNTHETIC_FILE) if os.path.isdir(source) else source
+  if not os.path.isfile(path):
+    raise CheckpointError(f"no synthetic set at {path}; run the distill method first (its workdir holds "
+                          f"{SYNTHETIC_FILE} when it has finished)")
+  synset, config_json, _ = load_npz(path)
+  source_config = ml_collections.ConfigDict(json.loads(config_json))
+  return synset, prepare(source_config.data, seed=source_config.seed), source_config, os.path.abspath(path)
+
+
+def embed_fn(net: models.Network, state: step_lib.TrainState, *, batch_size: int = 1000):
+  """`images (host) -> penultimate features (host)` of a trained network, in batches."""
+  embed = jax.jit(lambda x: net.embed(state["params"], state["model_state"], x, train=False))
+  return lambda images: np.concatenate([np.asarray(embed(images[i:i + batch_size]))
+                                        for i in range(0, len(images), batch_size)])

@@ -1,0 +1,127 @@
+"""Method `evaluate`: train K networks on a small training set with the dataset-distillation protocol and report
+accuracy and calibration for each network and as mean ± std.
+
+The training set is a distilled set (`evaluate.source` = a `distill` workdir or its `synthetic.npz`) or a
+baseline at the same IPC drawn from the real training split (`evaluate.baseline` = "random" or "herding").
+
+Protocol (the DC/DSA/DM `evaluate_synset`, docs/protocols.md §3.5): a fresh network per seed, the `train` block's
+SGD (momentum 0.9, coupled weight decay 5e-4, lr 0.01 or with `evaluate.learned_lr` an MTT set's learned lr),
+batch 256 over a per-network shuffle without dropping the last partial batch, `train.epochs` passes (the
+reference's `Epoch + 1`) with the lr ×0.1 from pass `Epoch // 2 + 1` on, DSA augmentation (per-sample
+parameters) by default, test once at the end. The reference seeds its evaluation networks from the wall clock
+(DC) or with one fixed seed (the MTS fork); here network k's keys are entry k of each named stream split K ways,
+so every number is reproducible and the K networks differ. The K networks train together
+(`calibjax.train.ensemble`).
+
+Calibration: TS and MTS are fitted on the held-out real validation split of the data config (never seen by
+distillation: `calibjax.data.prepare` removes it from the training split first), the MTS ratio is chosen on
+half of it; every metric is measured on the test split. A calibrator "over-calibrates" when it turns an
+over-confident network (mean confidence above accuracy) under-confident, as the paper's Table 1 last row.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from calibjax import build, keys, parallel
+from calibjax.calibration.report import calibrate_and_report, summarize_networks
+from calibjax.data.augment import make_batch_transform
+from calibjax.data.prepare import prepare, subsample_validation
+from calibjax.data.sampling import class_balanced_indices, herding_indices
+from calibjax.distill.synthetic import SyntheticSet, class_major_labels
+from calibjax.errors import ConfigError
+from calibjax.runs import core
+from calibjax.train import step as step_lib
+from calibjax.train.ensemble import epoch_batches, make_ensemble_step
+
+BASELINES = ("random", "herding")
+
+
+def training_set(config: ml_collections.ConfigDict):
+  """The set to train on, the data splits to validate and test on, and a description for results.json."""
+  ev = config.evaluate
+  if bool(ev.source) == bool(ev.baseline):
+    raise ConfigError("set exactly one of evaluate.source (a distill workdir or .npz) and evaluate.baseline "
+                      f"({' | '.join(BASELINES)})")
+  if ev.source:
+    synset, splits, source_config, path = build.synthetic_set(ev.source)
+    d = source_config.distill
+    return synset, splits, {"source": path, "method": d.method, "mdt": d.mdt, "ipc": int(d.ipc),
+                            "distill_iterations": int(d.iterations)}
+  if ev.baseline not in BASELINES:
+    raise ConfigError(f"unknown evaluate.baseline '{ev.baseline}'; choose one of: {', '.join(BASELINES)}")
+  splits = prepare(config.data, seed=config.seed)
+  if ev.baseline == "random":
+    idx = class_balanced_indices(splits.train_labels, ev.ipc, seed=config.seed, num_classes=splits.num_classes)
+  else:
+    if not ev.herding_model:
+      raise ConfigError("herding needs evaluate.herding_model, the workdir of a finished train run on the same "
+                        "data (e.g. `make quickstart` writes runs/quickstart)")
+    model_config, _, model_net, state = build.restore_run(ev.herding_model, role="evaluate.herding_model")
+    build.check_input_space(config.data, model_config.data, role="the herding model")
+    features = build.embed_fn(model_net, state)(splits.train_images)
+    idx = herding_indices(features, splits.train_labels, per_class=ev.ipc, num_classes=splits.num_classes)
+  # Both selections are class-major, the synthetic sets' order.
+  synset = SyntheticSet(images=splits.train_images[idx], labels=class_major_labels(splits.num_classes, ev.ipc),
+                        log_lr=np.log(np.float32(config.train.lr)))
+  return synset, splits, {"source": ev.baseline, "method": ev.baseline, "mdt": "off", "ipc": int(ev.ipc)}
+
+
+def learning_rate(config: ml_collections.ConfigDict, synset: SyntheticSet) -> float:
+  """`train.lr`, or the set's learned lr (MTT) with `evaluate.learned_lr`."""
+  lr = float(np.exp(synset.log_lr)) if config.evaluate.learned_lr else float(config.train.lr)
+  if not lr > 0:
+    raise ConfigError(f"the evaluation lr must be positive, got {lr}; set train.lr or evaluate.learned_lr=False")
+  return lr
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  ev, train = config.evaluate, config.train
+  synset, splits, described = training_set(config)
+  splits = subsample_validation(splits, ev.val_per_class, config.seed)
+  images = jnp.asarray(synset.images, jnp.float32)
+  targets = jnp.asarray(synset.soft_labels if synset.soft_labels is not None else synset.labels)
+  n, batch = len(images), min(train.batch_size, len(images))
+  lr = learning_rate(config, synset)
+  net = build.network(config.model, splits)
+  objective, update = build.objective(config.loss)
+  if update is not None:
+    raise ConfigError(f"loss '{config.loss.name}' updates its state from validation data every epoch, which "
+                      "evaluate does not do; use it with the train method")
+  tx = build.optimizer(train, steps_per_epoch=-(-n // batch), lr=lr)
+  init, ensemble_step = make_ensemble_step(
+      net, objective, tx, batch_transform=make_batch_transform(config.augment, num_classes=splits.num_classes))
+  run_dir = core.Workdir(workdir, config)
+  steps_keys, order_keys = (keys.streams(config.seed, name, ev.num_nets) for name in ("steps", "order"))
+
+  def epoch(states, index, tick):
+    for idx in epoch_batches(order_keys, index, n, batch):
+      states, metrics = ensemble_step(states, steps_keys, idx, images, targets)
+    return states, lambda: {f"train_{k}_last_batch": [float(x) for x in v] for k, v in
+                            jax.device_get(metrics).items()}
+
+  states = core.loop(run_dir, init(keys.streams(config.seed, "init", ev.num_nets)), epoch, total=train.epochs,
+                     cadence=core.Cadence.from_config(train, "epoch"), description=f"evaluate {ev.num_nets} nets")
+  mesh = parallel.make_mesh()
+  predict_fn = step_lib.make_predict_fn(net, mesh)
+  calibration_keys = keys.streams(config.seed, "calibration", ev.num_nets)
+  per_network = [calibrate_and_report(
+      logits_fn=build.logits_fn(net, jax.tree.map(lambda leaf: leaf[k], states), mesh, config.eval_batch_size,
+                                predict_fn=predict_fn),
+      val_images=splits.val_images, val_labels=splits.val_labels, test_images=splits.test_images,
+      test_labels=splits.test_labels, cfg=config.calibration, key=calibration_keys[k],
+      plot_path=os.path.join(run_dir.plots, "reliability_net0.png") if k == 0 else None)
+      for k in range(ev.num_nets)]
+  results = {"training_set": described, "summary": summarize_networks(per_network), "per_network": per_network}
+  budget = {"networks": ev.num_nets, "epochs": train.epochs, "lr": lr, "batch_size": batch, "train_examples": n,
+            "val_examples": len(splits.val_images), "test_examples": len(splits.test_images), "seed": config.seed,
+            "dsa": config.augment.dsa, "loss": config.loss.name, "mixing": config.augment.mixing}
+  protocol = {"training_set": described["method"], "ipc": described["ipc"], "epochs": train.epochs, "lr": lr,
+              "augment": config.augment.to_dict(), "loss": config.loss.name, "calibrators_fitted_on": "held_out_real",
+              "calibration_examples": len(splits.val_images)}
+  return core.finish(run_dir, results, config=config, budget=budget, protocol=protocol)
+
+
