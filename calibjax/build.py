@@ -14,6 +14,7 @@ import numpy as np
 from calibjax import models
 from calibjax.calibration import losses
 from calibjax.data.prepare import Splits, prepare
+from calibjax.data.sampling import class_balanced_indices
 from calibjax.distill.synthetic import load_npz
 from calibjax.errors import CheckpointError, ConfigError
 from calibjax.train import schedules
@@ -131,6 +132,54 @@ def synthetic_set(source: str):
   synset, config_json, _ = load_npz(path)
   source_config = ml_collections.ConfigDict(json.loads(config_json))
   return synset, prepare(source_config.data, seed=source_config.seed), source_config, os.path.abspath(path)
+
+
+FIT_ON = ("held_out_real", "distilled_split", "distilled_full")
+
+
+def calibration_data(cfg: ml_collections.ConfigDict, *, splits: Splits, training_set=None, seed: int):
+  """The images TS and MTS are fitted on (`calibration.fit_on`), and which training images the networks train on.
+
+  Args:
+    cfg: the `calibration` block (fit_on, split_fraction, split_in_training).
+    splits: the prepared data; "held_out_real" returns its validation split (images of the training split that
+      nothing trained on).
+    training_set: (images (N, ...), int labels (N,)) of a small training set (a distilled set, a baseline at
+      the same IPC), for "distilled_split" (a seeded `split_fraction` of each class, at least one image) and
+      "distilled_full" (all of it); None for a method that trains on the real training split.
+    seed: seeds the split.
+
+  Returns:
+    (images, labels, train_keep, described): the calibration data, the indices of `training_set` to train on
+    (None: all of it, or no training set), and {"fit_on", "images", "per_class", "in_training"} for results.json.
+  """
+  if cfg.fit_on not in FIT_ON:
+    raise ConfigError(f"calibration.fit_on must be one of {', '.join(FIT_ON)}; got '{cfg.fit_on}'")
+  if cfg.fit_on == "held_out_real":
+    return splits.val_images, splits.val_labels, None, {
+        "fit_on": cfg.fit_on, "images": len(splits.val_labels),
+        "per_class": np.bincount(splits.val_labels, minlength=splits.num_classes).tolist(), "in_training": False}
+  if training_set is None:
+    raise ConfigError(f"calibration.fit_on={cfg.fit_on} needs a distilled set, which only the evaluate method "
+                      "trains on; use --config.calibration.fit_on=held_out_real")
+  images, labels = training_set
+  chosen, train_keep = np.arange(len(labels)), None
+  if cfg.fit_on == "distilled_split":
+    if not 0 < cfg.split_fraction <= 1:
+      raise ConfigError(f"calibration.split_fraction must lie in (0, 1]; got {cfg.split_fraction}")
+    counts = np.bincount(labels, minlength=splits.num_classes)
+    per_class = max(1, int(round(cfg.split_fraction * counts.min())))
+    chosen = np.sort(class_balanced_indices(labels, per_class, seed=seed, num_classes=splits.num_classes))
+    if not cfg.split_in_training:
+      train_keep = np.setdiff1d(np.arange(len(labels)), chosen)
+      if np.bincount(labels[train_keep], minlength=splits.num_classes).min() == 0:
+        raise ConfigError(f"holding out {per_class} image(s) per class leaves a class with no training image "
+                          f"(the set has {counts.min()} per class); keep calibration.split_in_training=True or "
+                          "use fit_on=held_out_real")
+  described = {"fit_on": cfg.fit_on, "images": len(chosen),
+               "per_class": np.bincount(labels[chosen], minlength=splits.num_classes).tolist(),
+               "in_training": train_keep is None}
+  return np.asarray(images)[chosen], labels[chosen], train_keep, described
 
 
 def embed_fn(net: models.Network, state: step_lib.TrainState, *, batch_size: int = 1000):

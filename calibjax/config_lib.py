@@ -122,6 +122,13 @@ def calibration_config() -> ml_collections.ConfigDict:
   c.mts_ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
   c.mts_granularity = "element"  # element (the reference) | pixel (one draw per pixel, all channels)
   c.mts_target = "input"  # input (the reference code) | logits (a reading of the paper's Eq. 4)
+  c.mts_selection = "calibration_data"  # calibration_data | test_reference (the reference's choice on test)
+  # Where TS and MTS are fitted (calibjax.build.calibration_data): held_out_real (images of the training split
+  # that nothing trained on) | distilled_split (a per-class fraction of the set a network trained on: the MTS
+  # paper's protocol for networks trained on distilled data; evaluate only) | distilled_full (all of that set).
+  c.fit_on = "held_out_real"
+  c.split_fraction = 0.1  # distilled_split: this fraction of each class's images, at least one
+  c.split_in_training = True  # distilled_split: the split images also train the networks (the reference's way)
   return c
 
 

@@ -9,7 +9,10 @@ dataset (baselines; a distilled set brings its own data config), num_nets (K, 5)
 budget (paper: 1000 epochs, TS/MTS fitted on the whole held-out validation split; cpu: 300 epochs, 100
 validation images per class), loss (ce, label_smoothing, focal, ...: the paper's train-time baselines
 are label_smoothing and focal, whose defaults are the paper's 0.1 and γ = 1), mixing (none, mixup: α = 1 as
-the MTS fork), dsa (DSA augmentation, on by default as DSA/DM/MTT evaluate), learned_lr (MTT: train with the set's learned lr), seed, smoke.
+the MTS fork), dsa (DSA augmentation, on by default as DSA/DM/MTT evaluate), learned_lr (MTT: train with the
+set's learned lr), fit_on (where TS and MTS are fitted: distilled_split, the MTS paper's 10 % per class of the
+distilled set, by default; distilled_full; held_out_real, `evaluate.val_per_class` held-out real images per class),
+seed, smoke.
 
 Herding needs `--config.evaluate.herding_model=<workdir of a finished train run on the same data>`: its
 embedding selects the examples (DC/DSA/DM embed with a network trained on the real data).
@@ -37,8 +40,8 @@ def evaluation_training(epochs: int) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   preset = config_lib.parse_arg(arg, baseline="", ipc=10, dataset="fashion_mnist", num_nets=5, epochs=0,
-                                budget="paper", loss="ce", mixing="none", dsa=True, learned_lr=False, seed=0,
-                                smoke=False)
+                                budget="paper", loss="ce", mixing="none", dsa=True, learned_lr=False,
+                                fit_on="distilled_split", seed=0, smoke=False)
   if preset.budget not in EPOCHS:
     raise ConfigError(f"preset budget must be one of {', '.join(EPOCHS)}, got '{preset.budget}'")
   c = config_lib.base_config("evaluate")
@@ -54,6 +57,7 @@ def get_config(arg=None):
   ev.num_nets = preset.num_nets
   ev.learned_lr = preset.learned_lr
   c.train = evaluation_training(preset.epochs or EPOCHS[preset.budget])
+  c.calibration.fit_on = preset.fit_on
   c.loss = config_lib.loss_config(preset.loss)
   c.augment.dsa = preset.dsa
   c.augment.mixing = preset.mixing

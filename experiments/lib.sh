@@ -3,7 +3,8 @@
 # change the defaults below.
 PY=${PYTHON:-.venv/bin/python}
 TABLE_MAKER=experiments/make_table.py
-EVALUATE_PRESETS=budget=cpu  # the configs/evaluate.py presets of distill_and_evaluate
+EVALUATE_PRESETS=budget=cpu,fit_on=held_out_real  # the configs/evaluate.py presets of distill_and_evaluate (the
+# committed tables fit TS / MTS on held-out real images)
 DISTILL_FLAGS=()  # extra --config flags of every distillation of distill_and_evaluate
 
 # Runs `python -m calibjax.main ... --workdir $1` unless that workdir already has its results.json (a finished

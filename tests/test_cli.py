@@ -91,7 +91,8 @@ def test_quickstart_smoke_run_writes_every_artifact(tmp_path):
   # ... and results.json its manifest: versions, the checkout's commit, devices, seeds, protocol.
   manifest = results["manifest"]
   assert manifest["packages"]["jax"] and manifest["devices"]["count"] >= 1 and manifest["seeds"] == {"seed": 0}
-  assert manifest["protocol"]["calibrators_fitted_on"] == "held_out_real"
+  assert manifest["protocol"]["calibrators_fitted_on"] == {"fit_on": "held_out_real", "images": 200,
+                                                           "per_class": [20] * 10, "in_training": False}
 
 
 @pytest.mark.slow

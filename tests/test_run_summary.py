@@ -132,6 +132,8 @@ def _evaluate_results():
                       "mts": _stage_summary(accuracy={"mean": 0.8095, "std": 0.0123}, nll={"mean": 0.46, "std": 0.0},
                                             ece={"mean": 0.03, "std": 0.004}, over_calibrated_fraction=0.0)},
           "per_network": [],
+          "calibration_data": {"fit_on": "distilled_split", "images": 10, "per_class": [1] * 10, "in_training": True,
+                               "mts_ratio_selected_on": "calibration data (fit and scored on the same images)"},
           "budget": {"networks": 5, "epochs": 301, "lr": 0.01}}
 
 
@@ -142,6 +144,8 @@ def test_evaluate_mean_std_and_over_calibration_share():
   assert _cells(text, "raw") == ["raw", "80.95 ± 1.23", "0.5000 ± 0.0100", "4.56 ± 0.20"]
   assert _cells(text, "TS") == ["TS", "80.95 ± 1.23", "0.4500 ± 0.0200", "2.10 ± 0.10", "2/5 networks"]
   assert _cells(text, "MTS")[-1] == "0/5 networks"
+  assert ("TS / MTS fitted on: distilled_split (10 images, also training images); MTS ratio chosen on calibration "
+          "data (fit and scored on the same images)") in text.splitlines()
 
 
 def test_evaluate_missing_metric_and_share():

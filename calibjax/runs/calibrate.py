@@ -33,23 +33,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if name != "mts":
       posthoc.CALIBRATORS.get(name)  # an unknown name fails before any work
   source_config, splits, net, state = build.restore_run(cfg.source, role="calibrate.source")
+  calibration_images, calibration_labels, _, calibration = build.calibration_data(config.calibration, splits=splits,
+                                                                                  seed=config.seed)
   run_dir = core.Workdir(workdir, config)
   mesh = parallel.make_mesh()
   logits_fn = build.logits_fn(net, state, mesh, config.eval_batch_size)
   # TS and MTS (and the uncalibrated reference) come from the same routine every training method uses.
   results = calibrate_and_report(
-      logits_fn=logits_fn, val_images=splits.val_images, val_labels=splits.val_labels,
+      logits_fn=logits_fn, val_images=calibration_images, val_labels=calibration_labels,
       test_images=splits.test_images, test_labels=splits.test_labels, cfg=config.calibration,
       key=keys.stream(config.seed, "calibration"))
   reported = {"uncalibrated": results["raw"]}
-  val_logits, test_logits = logits_fn(splits.val_images), logits_fn(splits.test_images)
+  val_logits, test_logits = logits_fn(calibration_images), logits_fn(splits.test_images)
   panels = {"uncalibrated": (np.asarray(jax.nn.softmax(test_logits)), splits.test_labels)}
   for name in names:
     if name == "mts":
       reported["mts"] = results["mts"]
       panels["mts"] = (np.asarray(jax.nn.softmax(test_logits / results["mts"]["temperature"])), splits.test_labels)
     else:
-      reported[name], probs = posthoc_report(name, val_logits=val_logits, val_labels=splits.val_labels,
+      reported[name], probs = posthoc_report(name, val_logits=val_logits, val_labels=calibration_labels,
                                              test_logits=test_logits, test_labels=splits.test_labels,
                                              n_bins=config.calibration.n_bins,
                                              raw_confidence_gap=results["raw"]["confidence_gap"])
@@ -68,7 +70,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                    temperatures=temperatures) for name, images in shifted.items()}
   reported["source"] = {"workdir": os.path.abspath(cfg.source), "model": source_config.model.name,
                         "dataset": source_config.data.name}
-  budget = {"val_examples": len(splits.val_labels), "test_examples": len(splits.test_labels), "seed": config.seed}
+  budget = {"val_examples": len(calibration_labels), "test_examples": len(splits.test_labels), "seed": config.seed}
   return core.finish(run_dir, reported, config=config, budget=budget, protocol={
-      "calibrators": names, "calibrators_fitted_on": "held_out_real", "calibration_examples": len(splits.val_labels),
+      "calibrators": names, "calibrators_fitted_on": calibration, "mts_selection": config.calibration.mts_selection,
       "mts_ratios": list(config.calibration.mts_ratios), "ood_sets": sorted(shifted)})

@@ -13,10 +13,15 @@ parameters) by default, test once at the end. The reference seeds its evaluation
 so every number is reproducible and the K networks differ. The K networks train together
 (`calibjax.train.ensemble`).
 
-Calibration: TS and MTS are fitted on the held-out real validation split of the data config (never seen by
-distillation: `calibjax.data.prepare` removes it from the training split first), the MTS ratio is chosen on
-half of it; every metric is measured on the test split. A calibrator "over-calibrates" when it turns an
-over-confident network (mean confidence above accuracy) under-confident, as the paper's Table 1 last row.
+Calibration (`calibration.fit_on`, `calibjax.build.calibration_data`): by default TS and MTS are fitted where
+the MTS paper fits them for networks trained on distilled data, on a per-class 10 % split of the distilled set
+itself ("distilled_split": IPC 10 -> 1 image per class, IPC 1 -> its single image; the split images also train
+the networks, as the reference's, unless `calibration.split_in_training=False`); "distilled_full" fits on the
+whole set; "held_out_real" on held-out real images of the training split that distillation never saw
+(`evaluate.val_per_class` of them per class). The MTS ratio is chosen on the same calibration data
+(`calibjax.calibration.report`); every metric is measured on the test split. results.json records which data
+fitted the calibrators ("calibration_data"). A calibrator "over-calibrates" when it turns an over-confident
+network (mean confidence above accuracy) under-confident, as the paper's Table 1 last row.
 """
 
 import os
@@ -82,8 +87,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ev, train = config.evaluate, config.train
   synset, splits, described = training_set(config)
   splits = subsample_validation(splits, ev.val_per_class, config.seed)
-  images = jnp.asarray(synset.images, jnp.float32)
-  targets = jnp.asarray(synset.soft_labels if synset.soft_labels is not None else synset.labels)
+  labels = np.asarray(synset.labels)
+  calibration_images, calibration_labels, train_keep, calibration = build.calibration_data(
+      config.calibration, splits=splits, training_set=(synset.images, labels), seed=config.seed)
+  keep = slice(None) if train_keep is None else train_keep
+  images = jnp.asarray(np.asarray(synset.images)[keep], jnp.float32)
+  targets = jnp.asarray(np.asarray(synset.soft_labels if synset.soft_labels is not None else labels)[keep])
   n, batch = len(images), min(train.batch_size, len(images))
   lr = learning_rate(config, synset)
   net = build.network(config.model, splits)
@@ -111,17 +120,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   per_network = [calibrate_and_report(
       logits_fn=build.logits_fn(net, jax.tree.map(lambda leaf: leaf[k], states), mesh, config.eval_batch_size,
                                 predict_fn=predict_fn),
-      val_images=splits.val_images, val_labels=splits.val_labels, test_images=splits.test_images,
+      val_images=calibration_images, val_labels=calibration_labels, test_images=splits.test_images,
       test_labels=splits.test_labels, cfg=config.calibration, key=calibration_keys[k],
       plot_path=os.path.join(run_dir.plots, "reliability_net0.png") if k == 0 else None)
       for k in range(ev.num_nets)]
-  results = {"training_set": described, "summary": summarize_networks(per_network), "per_network": per_network}
+  calibration["mts_ratio_selected_on"] = per_network[0]["mts"]["ratio_selected_on"]
+  results = {"training_set": described, "calibration_data": calibration, "summary": summarize_networks(per_network),
+             "per_network": per_network}
   budget = {"networks": ev.num_nets, "epochs": train.epochs, "lr": lr, "batch_size": batch, "train_examples": n,
-            "val_examples": len(splits.val_images), "test_examples": len(splits.test_images), "seed": config.seed,
+            "val_examples": len(calibration_labels), "test_examples": len(splits.test_images), "seed": config.seed,
             "dsa": config.augment.dsa, "loss": config.loss.name, "mixing": config.augment.mixing}
   protocol = {"training_set": described["method"], "ipc": described["ipc"], "epochs": train.epochs, "lr": lr,
-              "augment": config.augment.to_dict(), "loss": config.loss.name, "calibrators_fitted_on": "held_out_real",
-              "calibration_examples": len(splits.val_images)}
+              "augment": config.augment.to_dict(), "loss": config.loss.name, "calibrators_fitted_on": calibration,
+              "mts_selection": config.calibration.mts_selection}
   return core.finish(run_dir, results, config=config, budget=budget, protocol=protocol)
 
 

@@ -57,6 +57,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   teacher_results = build.results_of(kd.teacher)
   calibration_temperature = teacher_temperature(teacher_results, kd.teacher_calibration)
   splits = prepare(config.data, seed=config.seed)
+  calibration_images, calibration_labels, _, calibration = build.calibration_data(config.calibration, splits=splits,
+                                                                                  seed=config.seed)
   mesh = parallel.make_mesh()
   net = build.network(config.model, splits)
   tx = build.optimizer(config.train, steps_per_epoch=len(splits.train_images) // config.train.batch_size)
@@ -77,8 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   teacher_apply, config.augment, num_classes=splits.num_classes, teacher_features=uses_features),
               end_of_epoch=validation(net, splits, mesh=mesh, batch_size=config.eval_batch_size))
   results = calibrate_and_report(
-      logits_fn=build.logits_fn(net, state, mesh, config.eval_batch_size), val_images=splits.val_images,
-      val_labels=splits.val_labels, test_images=splits.test_images, test_labels=splits.test_labels,
+      logits_fn=build.logits_fn(net, state, mesh, config.eval_batch_size), val_images=calibration_images,
+      val_labels=calibration_labels, test_images=splits.test_images, test_labels=splits.test_labels,
       cfg=config.calibration, key=keys.stream(config.seed, "calibration"),
       plot_path=os.path.join(run_dir.plots, "reliability.png"))
   results["best_epoch"] = best_epoch(run_dir.records())
@@ -89,6 +91,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if (drawn := kd_objective.negatives_drawn(kd, splits.train_labels)) is not None:
     results["crd"] = drawn
   budget = dict(training_budget(config, splits, mesh), student_params=models.count_params(state["params"]))
-  protocol = dict(training_protocol(config, splits), kd_loss=kd.loss, alpha=kd.alpha, temperature=kd.temperature,
+  protocol = dict(training_protocol(config, calibration), kd_loss=kd.loss, alpha=kd.alpha, temperature=kd.temperature,
                   teacher_calibration=kd.teacher_calibration)
   return core.finish(run_dir, results, config=config, budget=budget, protocol=protocol)

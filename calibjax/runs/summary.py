@@ -69,7 +69,8 @@ def _format_kd(results: dict, *, workdir: str) -> str:
 def _format_evaluate(results: dict, *, workdir: str) -> str:
   """Mean ± std over the networks of raw / TS / MTS (`calibjax.calibration.report.summarize_networks`:
   results["summary"][stage][metric]["mean"|"std"], "over_calibrated_fraction" for ts and mts), the training set
-  (results["training_set"]: method, ipc, mdt) and results["budget"]["networks"]."""
+  (results["training_set"]: method, ipc, mdt), results["budget"]["networks"] and where the calibrators were
+  fitted (results["calibration_data"])."""
   training_set = _get(results, "training_set") or {}
   networks = _get(results, "budget", "networks")
   rows = []
@@ -81,7 +82,11 @@ def _format_evaluate(results: dict, *, workdir: str) -> str:
   title = (f"evaluate: {_text(training_set.get('method'))}, ipc {_text(training_set.get('ipc'))}, "
            f"mdt {_text(training_set.get('mdt'))}; {_text(networks)} networks, mean ± std on the test split")
   header = ("", "accuracy %", "NLL", "ECE %", "over-calibrated")
-  return "\n".join([title, _table(header, rows),
+  calibration = _get(results, "calibration_data") or {}
+  fitted = (f"TS / MTS fitted on: {_text(calibration.get('fit_on'))} ({_text(calibration.get('images'))} images"
+            f"{', also training images' if calibration.get('in_training') else ''}); MTS ratio chosen on "
+            f"{_text(calibration.get('mts_ratio_selected_on'))}")
+  return "\n".join([title, _table(header, rows), fitted,
                     f"plots: {os.path.join(workdir, 'plots', 'reliability_net0.png')}",
                     f"results: {_results_path(workdir)}"])
 

@@ -19,6 +19,8 @@ from calibjax.runs.fit import fit, validation
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   splits = prepare(config.data, seed=config.seed)
+  calibration_images, calibration_labels, _, calibration = build.calibration_data(config.calibration, splits=splits,
+                                                                                  seed=config.seed)
   mesh = parallel.make_mesh()
   net = build.network(config.model, splits)
   objective, update = build.objective(config.loss)
@@ -34,12 +36,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               end_of_epoch=validation(net, splits, mesh=mesh, batch_size=config.eval_batch_size, update=update)
               if config.train.validate_each_epoch else None)
   results = calibrate_and_report(
-      logits_fn=build.logits_fn(net, state, mesh, config.eval_batch_size), val_images=splits.val_images,
-      val_labels=splits.val_labels, test_images=splits.test_images, test_labels=splits.test_labels,
+      logits_fn=build.logits_fn(net, state, mesh, config.eval_batch_size), val_images=calibration_images,
+      val_labels=calibration_labels, test_images=splits.test_images, test_labels=splits.test_labels,
       cfg=config.calibration, key=keys.stream(config.seed, "calibration"),
       plot_path=os.path.join(run_dir.plots, "reliability.png"))
   return core.finish(run_dir, results, config=config, budget=training_budget(config, splits, mesh),
-                     protocol=training_protocol(config, splits))
+                     protocol=training_protocol(config, calibration))
 
 
 def training_budget(config: ml_collections.ConfigDict, splits, mesh) -> dict:
@@ -49,9 +51,9 @@ def training_budget(config: ml_collections.ConfigDict, splits, mesh) -> dict:
           "devices": mesh.size}
 
 
-def training_protocol(config: ml_collections.ConfigDict, splits) -> dict:
+def training_protocol(config: ml_collections.ConfigDict, calibration: dict) -> dict:
   """The settings that decide a trained network's numbers, for the manifest."""
   return {"model": config.model.name, "loss": config.loss.name if "loss" in config else None,
           "epochs": config.train.epochs, "batch_size": config.train.batch_size, "lr": config.train.lr,
           "schedule": config.train.schedule, "augment": config.augment.to_dict(),
-          "calibrators_fitted_on": "held_out_real", "calibration_examples": len(splits.val_images)}
+          "calibrators_fitted_on": calibration, "mts_selection": config.calibration.mts_selection}
