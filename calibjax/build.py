@@ -6,6 +6,7 @@ This module sits between the libraries and `calibjax.runs`: the methods import i
 
 import json
 import os
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -14,12 +15,13 @@ import numpy as np
 from calibjax import models
 from calibjax.calibration import losses
 from calibjax.data.prepare import Splits, prepare
-from calibjax.data.sampling import class_balanced_indices
-from calibjax.distill.synthetic import load_npz
+from calibjax.data.sampling import class_balanced_indices, herding_indices
+from calibjax.distill.synthetic import SyntheticSet, class_major_labels, load_npz
 from calibjax.errors import CheckpointError, ConfigError
 from calibjax.train import schedules
 from calibjax.train import step as step_lib
 from calibjax.train.checkpoint import Checkpointer
+from calibjax.train.ensemble import make_ensemble_step
 
 SYNTHETIC_FILE = "synthetic.npz"
 # The data settings that define the input space a network was trained in: a run that reuses another run's
@@ -80,24 +82,90 @@ def run_config(workdir: str, *, methods: tuple[str, ...], role: str) -> ml_colle
   return config
 
 
-def restore_run(workdir: str, *, methods: tuple[str, ...] = ("train",), role: str = "the source"):
-  """A finished `train` (or `kd`) run, read-only: (config, splits, network, train state without its objective).
+class Restored(NamedTuple):
+  """A finished run's trained network, read-only (`restore_run`).
 
-  The data splits are recomputed from the run's own config and seed, so the held-out validation split is exactly
-  the one the run did not train on.
+  Attributes:
+    config: the run's config.
+    splits: its data splits, recomputed from its own config and seed (the held-out validation split is exactly
+      the one the run did not train on).
+    net, state: the network and its train state (without the objective it trained with).
+    training_set: (images, int labels) of the small set an `evaluate` run trained on; None for train / kd.
   """
+
+  config: ml_collections.ConfigDict
+  splits: Splits
+  net: models.Network
+  state: Any
+  training_set: tuple | None = None
+
+
+def restore_run(workdir: str, *, methods: tuple[str, ...] = ("train",), role: str = "the source",
+                network_index: int = 0) -> Restored:
+  """A finished `train` or `kd` run, or network `network_index` of the K networks of an `evaluate` run (where
+  `methods` allows it)."""
   config = run_config(workdir, methods=methods, role=role)
-  splits = prepare(config.data, seed=config.seed)
-  net = network(config.model, splits)
-  tx = optimizer(config.train, steps_per_epoch=len(splits.train_images) // config.train.batch_size)
-  like = step_lib.init_train_state(net, tx, jax.random.key(0))
+  labels = None
+  if config.method == "evaluate":
+    if not 0 <= network_index < config.evaluate.num_nets:
+      raise ConfigError(f"{role} {workdir} trained {config.evaluate.num_nets} networks; choose a network index "
+                        f"from 0 to {config.evaluate.num_nets - 1}")
+    synset, splits, _ = training_set(config)
+    labels = np.asarray(synset.labels)
+    net = network(config.model, splits)
+    steps_per_epoch = -(-len(labels) // min(config.train.batch_size, len(labels)))
+    init, _ = make_ensemble_step(net, objective(config.loss)[0], optimizer(config.train,
+                                                                           steps_per_epoch=steps_per_epoch))
+    like = init(jax.random.split(jax.random.key(0), config.evaluate.num_nets))
+  else:
+    splits = prepare(config.data, seed=config.seed)
+    net = network(config.model, splits)
+    tx = optimizer(config.train, steps_per_epoch=len(splits.train_images) // config.train.batch_size)
+    like = step_lib.init_train_state(net, tx, jax.random.key(0))
   with Checkpointer(os.path.join(workdir, "checkpoints")) as checkpoints:
     step = checkpoints.latest_step()
     if step != config.train.epochs:
       raise CheckpointError(f"{workdir} has no final checkpoint (latest epoch {step} of {config.train.epochs}); "
                             f"finish that run first by running its command again")
     state, _ = checkpoints.restore(step, like)
-  return config, splits, net, state
+  if labels is None:
+    return Restored(config, splits, net, state)
+  return Restored(config, splits, net, jax.tree.map(lambda leaf: leaf[network_index], state),
+                  (np.asarray(synset.images), labels))
+
+
+BASELINES = ("random", "herding")
+
+
+def training_set(config: ml_collections.ConfigDict):
+  """The set an `evaluate` run trains on (a distilled set, or a random / herding baseline at the same IPC), the
+  data splits to calibrate and test on, and a description for results.json."""
+  ev = config.evaluate
+  if bool(ev.source) == bool(ev.baseline):
+    raise ConfigError("set exactly one of evaluate.source (a distill workdir or .npz) and evaluate.baseline "
+                      f"({' | '.join(BASELINES)})")
+  if ev.source:
+    synset, splits, source_config, path = synthetic_set(ev.source)
+    d = source_config.distill
+    return synset, splits, {"source": path, "method": d.method, "mdt": d.mdt, "ipc": int(d.ipc),
+                            "distill_iterations": int(d.iterations)}
+  if ev.baseline not in BASELINES:
+    raise ConfigError(f"unknown evaluate.baseline '{ev.baseline}'; choose one of: {', '.join(BASELINES)}")
+  splits = prepare(config.data, seed=config.seed)
+  if ev.baseline == "random":
+    idx = class_balanced_indices(splits.train_labels, ev.ipc, seed=config.seed, num_classes=splits.num_classes)
+  else:
+    if not ev.herding_model:
+      raise ConfigError("herding needs evaluate.herding_model, the workdir of a finished train run on the same "
+                        "data (e.g. `make quickstart` writes runs/quickstart)")
+    model = restore_run(ev.herding_model, role="evaluate.herding_model")
+    check_input_space(config.data, model.config.data, role="the herding model")
+    features = embed_fn(model.net, model.state)(splits.train_images)
+    idx = herding_indices(features, splits.train_labels, per_class=ev.ipc, num_classes=splits.num_classes)
+  # Both selections are class-major, the synthetic sets' order.
+  synset = SyntheticSet(images=splits.train_images[idx], labels=class_major_labels(splits.num_classes, ev.ipc),
+                        log_lr=np.log(np.float32(config.train.lr)))
+  return synset, splits, {"source": ev.baseline, "method": ev.baseline, "mdt": "off", "ipc": int(ev.ipc)}
 
 
 def check_input_space(ours: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict, *, role: str) -> None:

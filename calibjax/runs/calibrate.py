@@ -1,8 +1,10 @@
 """Method `calibrate`: every post-hoc calibrator on a trained network, fitted on held-out data, scored on test.
 
-The source is the workdir of a finished `train` run (read-only). Calibrators are fitted on that run's held-out
-validation split (the part of the training split it never trained on); MTS chooses its ratio on one half of that
-split, as in `calibjax.calibration.report`. Every metric of `calibration_report` is reported before and after
+The source is the workdir of a finished `train` or `kd` run, or one network (`calibrate.network`) of a finished
+`evaluate` run (read-only). Calibrators are fitted where `calibration.fit_on` says (`calibjax.build.
+calibration_data`): the source run's held-out validation split (the part of the training split it never trained
+on), or for an evaluate source the distilled set its networks trained on (a per-class split of it, or all of it);
+MTS chooses its ratio on that calibration data, as in `calibjax.calibration.report`. Every metric of `calibration_report` is reported before and after
 each calibrator, with the over-calibration flag and a reliability diagram per calibrator. Also reported:
 max-logit histograms of clean and masked test inputs (the MTS paper's Figs. 2 and 7), and out-of-distribution
 separation (AUROC, AUPR, FPR95 by max softmax probability, max logit and energy, raw and temperature-scaled)
@@ -27,14 +29,16 @@ from calibjax.runs import core
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg = config.calibrate
   if not cfg.source:
-    raise ConfigError("calibrate needs the workdir of a finished train run: --config.calibrate.source=DIR")
+    raise ConfigError("calibrate needs the workdir of a finished train, kd or evaluate run: "
+                      "--config.calibrate.source=DIR")
   names = [name for name in cfg.calibrators.split("+") if name]
   for name in names:
     if name != "mts":
       posthoc.CALIBRATORS.get(name)  # an unknown name fails before any work
-  source_config, splits, net, state = build.restore_run(cfg.source, role="calibrate.source")
-  calibration_images, calibration_labels, _, calibration = build.calibration_data(config.calibration, splits=splits,
-                                                                                  seed=config.seed)
+  source_config, splits, net, state, source_set = build.restore_run(
+      cfg.source, methods=("train", "kd", "evaluate"), role="calibrate.source", network_index=cfg.network)
+  calibration_images, calibration_labels, _, calibration = build.calibration_data(
+      config.calibration, splits=splits, training_set=source_set, seed=config.seed)
   run_dir = core.Workdir(workdir, config)
   mesh = parallel.make_mesh()
   logits_fn = build.logits_fn(net, state, mesh, config.eval_batch_size)
@@ -68,8 +72,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              data_dir=source_config.data.data_dir or None, key=noise_key)
   reported["ood"] = {name: ood.out_of_distribution(in_logits=test_logits, out_logits=logits_fn(images),
                                                    temperatures=temperatures) for name, images in shifted.items()}
-  reported["source"] = {"workdir": os.path.abspath(cfg.source), "model": source_config.model.name,
-                        "dataset": source_config.data.name}
+  reported["source"] = {"workdir": os.path.abspath(cfg.source), "method": source_config.method,
+                        "model": source_config.model.name, "dataset": source_config.data.name,
+                        "network": cfg.network if source_config.method == "evaluate" else None}
   budget = {"val_examples": len(calibration_labels), "test_examples": len(splits.test_labels), "seed": config.seed}
   return core.finish(run_dir, reported, config=config, budget=budget, protocol={
       "calibrators": names, "calibrators_fitted_on": calibration, "mts_selection": config.calibration.mts_selection,

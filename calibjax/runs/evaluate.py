@@ -34,46 +34,12 @@ import numpy as np
 from calibjax import build, keys, parallel
 from calibjax.calibration.report import calibrate_and_report, summarize_networks
 from calibjax.data.augment import make_batch_transform
-from calibjax.data.prepare import prepare, subsample_validation
-from calibjax.data.sampling import class_balanced_indices, herding_indices
-from calibjax.distill.synthetic import SyntheticSet, class_major_labels
+from calibjax.data.prepare import subsample_validation
+from calibjax.distill.synthetic import SyntheticSet
 from calibjax.errors import ConfigError
 from calibjax.runs import core
 from calibjax.train import step as step_lib
 from calibjax.train.ensemble import epoch_batches, make_ensemble_step
-
-BASELINES = ("random", "herding")
-
-
-def training_set(config: ml_collections.ConfigDict):
-  """The set to train on, the data splits to validate and test on, and a description for results.json."""
-  ev = config.evaluate
-  if bool(ev.source) == bool(ev.baseline):
-    raise ConfigError("set exactly one of evaluate.source (a distill workdir or .npz) and evaluate.baseline "
-                      f"({' | '.join(BASELINES)})")
-  if ev.source:
-    synset, splits, source_config, path = build.synthetic_set(ev.source)
-    d = source_config.distill
-    return synset, splits, {"source": path, "method": d.method, "mdt": d.mdt, "ipc": int(d.ipc),
-                            "distill_iterations": int(d.iterations)}
-  if ev.baseline not in BASELINES:
-    raise ConfigError(f"unknown evaluate.baseline '{ev.baseline}'; choose one of: {', '.join(BASELINES)}")
-  splits = prepare(config.data, seed=config.seed)
-  if ev.baseline == "random":
-    idx = class_balanced_indices(splits.train_labels, ev.ipc, seed=config.seed, num_classes=splits.num_classes)
-  else:
-    if not ev.herding_model:
-      raise ConfigError("herding needs evaluate.herding_model, the workdir of a finished train run on the same "
-                        "data (e.g. `make quickstart` writes runs/quickstart)")
-    model_config, _, model_net, state = build.restore_run(ev.herding_model, role="evaluate.herding_model")
-    build.check_input_space(config.data, model_config.data, role="the herding model")
-    features = build.embed_fn(model_net, state)(splits.train_images)
-    idx = herding_indices(features, splits.train_labels, per_class=ev.ipc, num_classes=splits.num_classes)
-  # Both selections are class-major, the synthetic sets' order.
-  synset = SyntheticSet(images=splits.train_images[idx], labels=class_major_labels(splits.num_classes, ev.ipc),
-                        log_lr=np.log(np.float32(config.train.lr)))
-  return synset, splits, {"source": ev.baseline, "method": ev.baseline, "mdt": "off", "ipc": int(ev.ipc)}
-
 
 def learning_rate(config: ml_collections.ConfigDict, synset: SyntheticSet) -> float:
   """`train.lr`, or the set's learned lr (MTT) with `evaluate.learned_lr`."""
@@ -85,7 +51,7 @@ def learning_rate(config: ml_collections.ConfigDict, synset: SyntheticSet) -> fl
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ev, train = config.evaluate, config.train
-  synset, splits, described = training_set(config)
+  synset, splits, described = build.training_set(config)
   splits = subsample_validation(splits, ev.val_per_class, config.seed)
   labels = np.asarray(synset.labels)
   calibration_images, calibration_labels, train_keep, calibration = build.calibration_data(

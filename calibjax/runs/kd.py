@@ -51,8 +51,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.train.validate_each_epoch:  # the shared train block has the switch; kd cannot honour it
     raise ConfigError("kd runs validate after every epoch to report their best epoch; drop "
                       "--config.train.validate_each_epoch=False")
-  teacher_config, _, teacher_net, teacher_state = build.restore_run(kd.teacher, methods=("train", "kd"),
-                                                                    role="kd.teacher")
+  teacher_config, _, teacher_net, teacher_state, _ = build.restore_run(kd.teacher, methods=("train", "kd"),
+                                                                       role="kd.teacher")
   build.check_input_space(config.data, teacher_config.data, role="the teacher")
   teacher_results = build.results_of(kd.teacher)
   calibration_temperature = teacher_temperature(teacher_results, kd.teacher_calibration)
