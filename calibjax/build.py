@@ -35,12 +35,15 @@ def network(model_cfg: ml_collections.ConfigDict, splits: Splits) -> models.Netw
 
 
 def optimizer(train_cfg: ml_collections.ConfigDict, *, steps_per_epoch: int, lr: float | None = None):
-  """SGD of a `train` block; `lr` overrides the block's (an MTT set's learned lr)."""
+  """SGD of a `train` block; `lr` overrides the block's (an MTT set's learned lr). A block with
+  `momentum_restarts` (evaluate's) restarts the momentum at each lr milestone, as the DD references do."""
   schedule = schedules.make_schedule(train_cfg.schedule, base_lr=train_cfg.lr if lr is None else lr,
                                      epochs=train_cfg.epochs,
                                      steps_per_epoch=steps_per_epoch, milestones=train_cfg.milestones)
+  restarts = tuple(m * steps_per_epoch for m in train_cfg.milestones) if train_cfg.get("momentum_restarts") else ()
   return schedules.make_optimizer(lr_schedule=schedule, momentum=train_cfg.momentum,
-                                  nesterov=train_cfg.nesterov, weight_decay=train_cfg.weight_decay)
+                                  nesterov=train_cfg.nesterov, weight_decay=train_cfg.weight_decay,
+                                  momentum_restarts=restarts)
 
 
 def objective(loss_cfg: ml_collections.ConfigDict):

@@ -16,7 +16,7 @@ mkdir -p "$RUNS" "$OUT"
 baseline() {  # kind (random | herding), ipc
   local extra=()
   [ "$1" = herding ] && extra=(--config.evaluate.herding_model=runs/quickstart)
-  main "$RUNS/${1}_ipc${2}_eval" --config "configs/evaluate.py:budget=cpu,fit_on=held_out_real,baseline=$1,ipc=$2" \
+  main "$RUNS/${1}_ipc${2}_eval" --config "configs/evaluate.py:budget=cpu,$TABLE_PROTOCOL,baseline=$1,ipc=$2" \
       "${extra[@]}"
 }
 
@@ -28,7 +28,7 @@ for method in dsa dc; do
 done
 distill_and_evaluate dsa_mdtdyn_ipc1 "method=dsa,ipc=1,mdt=dynamic"
 for variant in loss=label_smoothing loss=focal mixing=mixup; do  # the paper's train-time calibration baselines
-  main "$RUNS/dsa_ipc1_${variant#*=}_eval" --config "configs/evaluate.py:budget=cpu,fit_on=held_out_real,$variant" \
+  main "$RUNS/dsa_ipc1_${variant#*=}_eval" --config "configs/evaluate.py:budget=cpu,$TABLE_PROTOCOL,$variant" \
       --config.evaluate.source="$RUNS/dsa_ipc1"
   table
 done

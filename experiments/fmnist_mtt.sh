@@ -17,7 +17,7 @@ TABLE=experiments/results/fmnist_mtt.md
 OUT=experiments/results/fmnist_mtt
 EXPERTS=${EXPERTS:-1}
 mkdir -p "$RUNS" "$OUT"
-EVALUATE_PRESETS=budget=cpu,fit_on=held_out_real,learned_lr=True
+EVALUATE_PRESETS=budget=cpu,$TABLE_PROTOCOL,learned_lr=True
 DISTILL_FLAGS=(--config.distill.mtt.buffer_dir="$RUNS/buffer")
 
 main "$RUNS/buffer" --config "configs/buffer.py:experts=$EXPERTS"

@@ -162,3 +162,14 @@ def test_buffer_then_mtt_then_evaluate_with_the_learned_lr(tmp_path):
                workdir=str(tmp_path / "eval"))
   assert result.returncode == 0, result.stderr[-3000:]
   assert read_json(os.path.join(tmp_path, "eval", "results.json"))["budget"]["lr"] == pytest.approx(learned)
+
+
+def test_evaluation_schedule_is_the_references_by_default():
+  """evaluate_synset decays the lr once after its pass Epoch//2 + 1 (0-based) and builds a new SGD there."""
+  from configs import evaluate as evaluate_config
+  cpu = evaluate_config.get_config("budget=cpu").train
+  assert (cpu.epochs, cpu.milestones, cpu.momentum_restarts, cpu.lr, cpu.momentum, cpu.weight_decay) == (
+      301, (152,), True, 0.01, 0.9, 5e-4)
+  previous = evaluate_config.get_config("budget=cpu,schedule=decay_at_half").train
+  assert (previous.milestones, previous.momentum_restarts) == ((151,), False)
+  assert evaluate_config.get_config("").train.milestones == (502,)

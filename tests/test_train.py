@@ -8,6 +8,7 @@ import types
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -147,3 +148,33 @@ def test_parse_arg_types_and_errors():
     config_lib.parse_arg("ipc=ten", ipc=1)
   with pytest.raises(ConfigError, match="needs a value"):
     config_lib.parse_arg("ipc", ipc=1)
+
+
+def test_momentum_restart_is_a_new_pytorch_sgd_at_the_milestone():
+  """The DD references' evaluation: at the lr decay they build a new torch.optim.SGD, whose momentum buffer starts
+  from the gradient again. Written out in numpy (PyTorch's SGD: d = g + wd·w; buf = d on a new optimiser's first
+  step, else momentum·buf + d; w -= lr·buf) on a quadratic, against schedules.make_optimizer."""
+  lr, momentum, wd, milestone, steps = 0.1, 0.9, 5e-4, 4, 8
+  target = np.array([1.0, -2.0, 0.5], np.float32)
+  grad = lambda w: 2.0 * (w - target)
+  w_ref, buf = np.zeros(3, np.float32), None
+  for t in range(steps):
+    if t == milestone:  # the reference's `if ep in lr_schedule: lr *= 0.1; optimizer = SGD(...)`
+      lr, buf = lr * 0.1, None
+    d = grad(w_ref) + wd * w_ref
+    buf = d if buf is None else momentum * buf + d
+    w_ref = w_ref - lr * buf
+  schedule = schedules.make_schedule("multistep", base_lr=0.1, epochs=2, steps_per_epoch=milestone, milestones=(1,))
+  restarted = schedules.make_optimizer(lr_schedule=schedule, momentum=momentum, weight_decay=wd,
+                                       momentum_restarts=(milestone,))
+  kept = schedules.make_optimizer(lr_schedule=schedule, momentum=momentum, weight_decay=wd)
+  finals = []
+  for tx in (restarted, kept):
+    w = jnp.zeros(3)
+    state = tx.init(w)
+    for _ in range(steps):
+      updates, state = tx.update(grad(w), state, w)
+      w = optax.apply_updates(w, updates)
+    finals.append(np.asarray(w))
+  np.testing.assert_allclose(finals[0], w_ref, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(finals[1], w_ref, rtol=1e-4)  # keeping the momentum is a different optimiser

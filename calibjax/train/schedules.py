@@ -1,5 +1,9 @@
-"""Learning-rate schedules, specified in epochs and compiled to optax step schedules."""
+"""Learning-rate schedules, specified in epochs and compiled to optax step schedules, and PyTorch's SGD."""
 
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
 import optax
 
 from calibjax.errors import ConfigError
@@ -39,7 +43,38 @@ def make_schedule(name: str, *, base_lr: float, epochs: int, steps_per_epoch: in
 
 
 def make_optimizer(*, lr_schedule: optax.Schedule, momentum: float = 0.9, nesterov: bool = False,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
-  """SGD as PyTorch defines it: weight decay is added to the gradient before momentum (coupled L2)."""
+                   weight_decay: float = 0.0, momentum_restarts: tuple[int, ...] = ()
+                   ) -> optax.GradientTransformation:
+  """SGD as PyTorch defines it: weight decay is added to the gradient before momentum (coupled L2).
+
+  `momentum_restarts`: optimiser steps (counted from 0) before which the momentum buffer starts again from zero,
+  as when the dataset-distillation references build a new `torch.optim.SGD` at their lr decay (its first step's
+  buffer is the gradient itself, which a zero buffer gives too).
+  """
+  if not (momentum and momentum_restarts):
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(lr_schedule, momentum=momentum or None, nesterov=nesterov))
   return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.sgd(lr_schedule, momentum=momentum or None, nesterov=nesterov))
+                     restart_at(optax.trace(decay=momentum, nesterov=nesterov), momentum_restarts),
+                     optax.scale_by_learning_rate(lr_schedule))
+
+
+class RestartState(NamedTuple):
+  count: jax.Array  # updates applied so far
+  inner: Any
+
+
+def restart_at(inner: optax.GradientTransformation, steps: tuple[int, ...]) -> optax.GradientTransformation:
+  """`inner` with its state re-initialised before update number s (0-based) for each s in `steps`."""
+  steps = jnp.asarray(tuple(steps), jnp.int32)
+
+  def init(params):
+    return RestartState(jnp.zeros((), jnp.int32), inner.init(params))
+
+  def update(updates, state, params=None):
+    restart = jnp.any(state.count == steps)
+    inner_state = jax.tree.map(lambda fresh, old: jnp.where(restart, fresh, old), inner.init(updates), state.inner)
+    updates, inner_state = inner.update(updates, inner_state, params)
+    return updates, RestartState(state.count + 1, inner_state)
+
+  return optax.GradientTransformation(init, update)
