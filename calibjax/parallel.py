@@ -1,9 +1,9 @@
-"""Data parallelism by sharding over a 1-D ('data',) mesh (no pmap; docs/jax-practice.md §3).
+"""Data parallelism by sharding over a 1-D ('data',) mesh (no pmap; docs/jax.md §3).
 
 Parameters and optimiser state are replicated (`P()`), batches are split along their first axis (`P('data')`);
 `jax.jit` inserts the gradient all-reduce. The same code runs on one device and on N. The mesh uses Auto axes:
 `jax.make_mesh` defaults to Explicit axes, under which integer-label cross-entropy inside `grad` fails
-(docs/jax-practice.md §3.3).
+(docs/jax.md §3.3).
 """
 
 import jax

@@ -3,7 +3,7 @@
 `build(name, num_classes=..., input_shape=...)` returns a `Network`: NNX modules are split once into a static
 graph definition, and `init`/`apply` are pure functions of plain pytrees (`params`, `state`), so they can be
 jitted, vmapped over seeds and differentiated through (the MTT unroll does) without NNX's Python-side graph
-traversal in hot loops (docs/jax-practice.md §2.3).
+traversal in hot loops (docs/jax.md §2.3).
 """
 
 import dataclasses

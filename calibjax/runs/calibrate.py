@@ -1,14 +1,15 @@
-"""Method `calibrate`: every post-hoc calibrator on a trained network, fitted on held-out data, scored on test.
+"""Method `calibrate`: every post-hoc calibrator on a trained network, fitted on calibration data, scored on test.
 
 The source is the workdir of a finished `train` or `kd` run, or one network (`calibrate.network`) of a finished
-`evaluate` run (read-only). Calibrators are fitted where `calibration.fit_on` says (`calibjax.build.
-calibration_data`): the source run's held-out validation split (the part of the training split it never trained
-on), or for an evaluate source the distilled set its networks trained on (a per-class split of it, or all of it);
-MTS chooses its ratio on that calibration data, as in `calibjax.calibration.report`. Every metric of `calibration_report` is reported before and after
-each calibrator, with the over-calibration flag and a reliability diagram per calibrator. Also reported:
-max-logit histograms of clean and masked test inputs (the MTS paper's Figs. 2 and 7), and out-of-distribution
-separation (AUROC, AUPR, FPR95 by max softmax probability, max logit and energy, raw and temperature-scaled)
-between the test split and shifted sets (`calibjax.analysis.ood.shifted_sets`).
+`evaluate` run (read-only). Calibrators are fitted where `calibration.fit_on` says
+(`calibjax.build.calibration_data`): the source run's held-out validation split (the part of the training split
+it never trained on), or for an evaluate source the distilled set its networks trained on (a per-class split of
+it, or all of it); MTS chooses its ratio on that calibration data, as in `calibjax.calibration.report`. Every
+metric of `calibration_report` is reported before and after each calibrator, with the over-calibration flag and a
+reliability diagram per calibrator. Also reported: max-logit histograms of clean and masked test inputs (the MTS
+paper's Figs. 2 and 7), and out-of-distribution separation (AUROC, AUPR, FPR95 by max softmax probability, max
+logit and energy, raw and temperature-scaled) between the test split and shifted sets
+(`calibjax.analysis.ood.shifted_sets`).
 """
 
 import os

@@ -40,8 +40,7 @@ def _format_train(results: dict, *, workdir: str) -> str:
   with accuracy, nll, ece, mean_confidence; "temperature" for ts and mts; "ratio" for mts)."""
   rows = _calibration_rows(results)
   return "\n".join(["train: test split, raw and after TS / MTS", _table(CALIBRATION_HEADER, rows),
-                    f"plots: {os.path.join(workdir, 'plots', 'reliability.png')}",
-                    f"results: {_results_path(workdir)}"])
+                    *_where(workdir, "reliability.png")])
 
 
 def _format_kd(results: dict, *, workdir: str) -> str:
@@ -61,9 +60,7 @@ def _format_kd(results: dict, *, workdir: str) -> str:
   best_line = (f"best epoch: {_text(best.get('epoch'))} (val accuracy {val_accuracy('val_accuracy')}); "
                f"reported above: last epoch {_text(best.get('last_epoch'))} "
                f"(val accuracy {val_accuracy('last_val_accuracy')})")
-  return "\n".join([title, _table(CALIBRATION_HEADER, rows), best_line,
-                    f"plots: {os.path.join(workdir, 'plots', 'reliability.png')}",
-                    f"results: {_results_path(workdir)}"])
+  return "\n".join([title, _table(CALIBRATION_HEADER, rows), best_line, *_where(workdir, "reliability.png")])
 
 
 def _format_evaluate(results: dict, *, workdir: str) -> str:
@@ -86,9 +83,7 @@ def _format_evaluate(results: dict, *, workdir: str) -> str:
   fitted = (f"TS / MTS fitted on: {_text(calibration.get('fit_on'))} ({_text(calibration.get('images'))} images"
             f"{', also training images' if calibration.get('in_training') else ''}); MTS ratio chosen on "
             f"{_text(calibration.get('mts_ratio_selected_on'))}")
-  return "\n".join([title, _table(header, rows), fitted,
-                    f"plots: {os.path.join(workdir, 'plots', 'reliability_net0.png')}",
-                    f"results: {_results_path(workdir)}"])
+  return "\n".join([title, _table(header, rows), fitted, *_where(workdir, "reliability_net0.png")])
 
 
 def _format_calibrate(results: dict, *, workdir: str) -> str:
@@ -110,10 +105,7 @@ def _format_calibrate(results: dict, *, workdir: str) -> str:
   if ood_rows:
     lines += ["out-of-distribution AUROC (test split as in-distribution)",
               _table(("OOD set", "max logit", "MSP raw", "MSP TS"), ood_rows)]
-  lines += [f"plots: {os.path.join(workdir, 'plots', 'reliability.png')}, "
-            f"{os.path.join(workdir, 'plots', 'max_logit.png')}",
-            f"results: {_results_path(workdir)}"]
-  return "\n".join(lines)
+  return "\n".join(lines + _where(workdir, "reliability.png", "max_logit.png"))
 
 
 def _format_distill(results: dict, *, workdir: str) -> str:
@@ -220,3 +212,9 @@ def _yes_no(flag: bool | None) -> str:
 
 def _results_path(workdir: str) -> str:
   return os.path.join(workdir, "results.json")
+
+
+def _where(workdir: str, *plots: str) -> list[str]:
+  """The closing lines of a table: the run's plots (files in workdir/plots) and its results.json."""
+  return [f"plots: {', '.join(os.path.join(workdir, 'plots', name) for name in plots)}",
+          f"results: {_results_path(workdir)}"]
