@@ -1,8 +1,8 @@
 """Tests of calibjax.runs.summary (the end-of-run tables) and calibjax.runs.manifest (the results.json manifest).
 
-The fake results dicts mirror what each method writes to results.json (train/run.py with
-calibration/report.py, kd/run.py, distill/evaluate.py, calibration/calibrate.py, distill/run.py,
-distill/buffer.py), so a change of formatting or of a lookup key shows up here.
+The fake results dicts mirror what each method of calibjax/runs/ writes to results.json (train and kd with
+calibration/report.py, evaluate, calibrate, distill, buffer), so a change of formatting or of a lookup key shows
+up here.
 """
 
 import importlib.metadata
