@@ -38,8 +38,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       posthoc.CALIBRATORS.get(name)  # an unknown name fails before any work
   source_config, splits, net, state, source_set = build.restore_run(
       cfg.source, methods=("train", "kd", "evaluate"), role="calibrate.source", network_index=cfg.network)
+  # The source's seed: an evaluate source's distilled split is then the one its own run fitted on.
   calibration_images, calibration_labels, _, calibration = build.calibration_data(
-      config.calibration, splits=splits, training_set=source_set, seed=config.seed)
+      config.calibration, splits=splits, training_set=source_set, seed=source_config.seed)
   run_dir = core.Workdir(workdir, config)
   mesh = parallel.make_mesh()
   logits_fn = build.logits_fn(net, state, mesh, config.eval_batch_size)
