@@ -52,6 +52,7 @@ METHOD_BLOCKS = {
     "evaluate": ("data", "model", "evaluate", "train", "loss", "augment", "calibration", "eval_batch_size"),
     "buffer": ("data", "model", "buffer", "train", "augment", "eval_batch_size"),
     "kd": ("data", "model", "train", "kd", "augment", "calibration", "eval_batch_size"),
+    "analyze": ("analyze", "calibration", "eval_batch_size"),
 }
 COMMON_KEYS = ("method", "seed", "distributed")
 

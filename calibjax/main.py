@@ -25,6 +25,7 @@ METHODS = {
     "evaluate": "calibjax.runs.evaluate:run",
     "buffer": "calibjax.runs.buffer:run",
     "kd": "calibjax.runs.kd:run",
+    "analyze": "calibjax.runs.analyze:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:smoke.",

@@ -58,7 +58,8 @@ def test_key_streams_are_distinct_and_fixed():
                                 jax.random.key_data(jax.random.split(jax.random.fold_in(jax.random.key(7), 0), 3)))
 
 
-@pytest.mark.parametrize("name", ["buffer", "calibrate", "distill", "evaluate", "kd", "quickstart", "train"])
+@pytest.mark.parametrize("name", ["analyze", "buffer", "calibrate", "distill", "evaluate", "kd", "quickstart",
+                                  "train"])
 @pytest.mark.parametrize("preset", ["", "smoke"])
 def test_each_config_file_has_exactly_the_blocks_its_method_reads(name, preset):
   config = importlib.import_module(f"configs.{name}").get_config(preset)

@@ -275,3 +275,14 @@ def test_git_dirty_only_for_changed_tracked_files(tmp_path):
   (tmp_path / "venv").mkdir()
   (tmp_path / "venv" / "__init__.py").write_text("")
   assert manifest.git_state(directory=str(tmp_path / "venv")) is None
+
+
+def test_analyze_tables_per_study():
+  sweep = {"study": "mts_ratio", "sweep": [{"ratio": 0.1, "temperature": 1.2, "ece": 0.0321}],
+           "ts": {"ece": 0.0196}, "raw": {"ece": 0.0663}}
+  text = format_results("analyze", sweep, workdir=WORKDIR)
+  assert _cells(text, "MTS r=0.1") == ["MTS r=0.1", "3.21"] and _cells(text, "uncalibrated")[-1] == "6.63"
+  assert f"plots: {WORKDIR}/plots/mts_ratio.png" in text.splitlines()
+  spectrum = {"study": "svd_spectrum", "explained_variance": {"distilled": [0.863, 1.0]}}
+  assert _cells(format_results("analyze", spectrum, workdir=WORKDIR), "distilled") == ["distilled", "86.3",
+                                                                                         "100.0", "—"]

@@ -152,15 +152,36 @@ def plot_max_logit_histograms(path: str, logits_by_name: Mapping[str, np.ndarray
     if logits.ndim != 2:
       raise InvalidInputError(f"{name} logits must be (N, K); got {logits.shape}")
     max_logits[name] = logits.max(axis=1)
-  lo = min(float(v.min()) for v in max_logits.values())
-  hi = max(float(v.max()) for v in max_logits.values())
+  return plot_histograms(path, max_logits, xlabel="max logit", bins=bins)
+
+
+def plot_histograms(path: str, values_by_name: Mapping[str, np.ndarray], *, xlabel: str, bins: int = 50) -> str:
+  """Overlaid density histograms of 1-D samples (one per legend name) over their common range; returns `path`."""
+  values_by_name = {name: _finite(name, np.asarray(values, np.float64).ravel())
+                    for name, values in values_by_name.items()}
+  lo = min(float(v.min()) for v in values_by_name.values())
+  hi = max(float(v.max()) for v in values_by_name.values())
   grid = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()
-  for name, values in max_logits.items():
+  for name, values in values_by_name.items():
     ax.hist(values, bins=grid, density=True, histtype="stepfilled", alpha=0.4, label=name)
-  ax.set_xlabel("max logit")
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("density")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_curves(path: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, xlabel: str,
+                ylabel: str) -> str:
+  """One line (with markers) per legend name, from (x, y) pairs; returns `path`."""
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for name, (x, y) in curves.items():
+    ax.plot(np.asarray(x), _finite(name, np.asarray(y, np.float64)), marker="o", label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
   ax.legend(fontsize=8)
   fig.tight_layout()
   return _save(fig, path)

@@ -16,6 +16,10 @@ STAGES = (("raw", "raw"), ("ts", "TS"), ("mts", "MTS"))
 CALIBRATION_HEADER = ("", "accuracy %", "NLL", "ECE %", "confidence %", "temperature", "MTS ratio")
 # Keys of a calibrate run's results that are not calibrators (the run core adds "budget" and "manifest").
 CALIBRATE_EXTRAS = ("ood", "source", "budget", "manifest")
+# The figures each study of `calibjax.runs.analyze` writes into plots/.
+ANALYZE_PLOTS = {"max_logit": ("max_logit_models.png", "max_logit_masked.png", "max_probability_ood.png"),
+                 "mts_ratio": ("mts_ratio.png",), "calibration_size": ("calibration_size.png",),
+                 "svd_spectrum": ("svd_spectrum.png",)}
 
 
 def format_results(method: str, results: dict, *, workdir: str) -> str:
@@ -134,9 +138,35 @@ def _format_buffer(results: dict, *, workdir: str) -> str:
   return "\n".join(["buffer", _table(None, rows)])
 
 
+def _format_analyze(results: dict, *, workdir: str) -> str:
+  """The numbers behind the study's figure (`calibjax.runs.analyze`): per histogram its mean ± std (max_logit),
+  test ECE per mask ratio (mts_ratio) or per calibration share (calibration_size), the explained variance of the
+  first components (svd_spectrum)."""
+  study = results.get("study")
+  if study == "max_logit":
+    rows = [(f"{group}: {name}", f"{stats['mean']:.3f} ± {stats['std']:.3f}")
+            for group in ("max_logit_models", "max_logit_masked", "max_probability_ood")
+            for name, stats in (results.get(group) or {}).items()]
+    header = ("histogram", "mean ± std")
+  elif study == "mts_ratio":
+    rows = [(f"MTS r={row['ratio']:g}", _percent(row["ece"])) for row in results.get("sweep", [])]
+    rows += [("TS", _percent(_get(results, "ts", "ece"))), ("uncalibrated", _percent(_get(results, "raw", "ece")))]
+    header = ("", "test ECE %")
+  elif study == "calibration_size":
+    rows = [(f"{100 * row['fraction']:g} %", _text(row["images"]), _percent(row["ece_ts"]),
+             _percent(row["ece_mts"])) for row in results.get("sizes", [])]
+    header = ("share of the set", "images", "ECE after TS %", "ECE after MTS %")
+  else:
+    rows = [(name, *(f"{100 * v:.1f}" for v in curve[:3]), *[MISSING] * (3 - len(curve[:3])))
+            for name, curve in (results.get("explained_variance") or {}).items()]
+    header = ("set", "1 component %", "2 %", "3 %")
+  return "\n".join([f"analyze: {_text(study)}", _table(header, rows),
+                    *_where(workdir, *ANALYZE_PLOTS.get(study, ()))])
+
+
 FORMATTERS: dict[str, Callable[..., str]] = {
     "train": _format_train, "kd": _format_kd, "evaluate": _format_evaluate, "calibrate": _format_calibrate,
-    "distill": _format_distill, "buffer": _format_buffer,
+    "distill": _format_distill, "buffer": _format_buffer, "analyze": _format_analyze,
 }
 
 

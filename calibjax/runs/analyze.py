@@ -1,0 +1,165 @@
+"""Method `analyze`: the MTS paper's figure studies of networks trained on distilled data (DDNNs), each writing its
+figure (plots/<study>.png) and the figure's data (results.json).
+
+Studies (`analyze.study`; `analyze.source` is a finished `evaluate` run, `analyze.network` one of its networks,
+except for svd_spectrum):
+  * max_logit (Figs. 2a, 7, 2b): max-logit histograms of the DDNN's test inputs against a network trained on
+    full data (`analyze.reference`, a finished `train` run on the same inputs; optional); of clean against
+    masked calibration inputs at each of `analyze.mask_ratios`; and max softmax probabilities of the test split
+    against shifted sets (Gaussian noise `analyze.ood_noise_sigmas`, optionally `analyze.ood_dataset`).
+  * mts_ratio (Fig. 8): test ECE after MTS against the mask ratio (each of `calibration.mts_ratios`, T fitted on
+    the calibration data of `calibration.fit_on`), with the raw and TS ECE for reference.
+  * calibration_size (Fig. 9): test ECE after TS and MTS against the share N of the distilled set used to fit
+    them (`analyze.split_fractions`, each a `distilled_split` of that fraction per class).
+  * svd_spectrum (Fig. 3): the explained-variance curve (`calibjax.analysis.svd`) of each class's distilled
+    images, of as many random real images of the class, and of the class's real training images (at most
+    `analyze.full_class_images`), averaged over classes; `analyze.source` is a distill workdir or its .npz.
+The truncation-and-retraining half of the SVD study (Fig. 5) and the per-layer t-SNE (Figs. 4, 6) are not here
+yet.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from calibjax import build, keys, parallel
+from calibjax.analysis import ood, svd
+from calibjax.calibration import metrics, plots, posthoc
+from calibjax.calibration.report import calibrate_and_report
+from calibjax.data.sampling import class_balanced_indices
+from calibjax.errors import ConfigError
+from calibjax.masks import mask_inputs
+from calibjax.runs import core
+
+
+def _describe(values) -> dict:
+  values = np.asarray(values, np.float64)
+  return {"mean": float(values.mean()), "std": float(values.std()), "median": float(np.median(values))}
+
+
+def _network(config):
+  """The DDNN of the source evaluate run, its logits function and its calibration data."""
+  restored = build.restore_run(config.analyze.source, methods=("evaluate",), role="analyze.source",
+                               network_index=config.analyze.network)
+  logits_fn = build.logits_fn(restored.net, restored.state, parallel.make_mesh(), config.eval_batch_size)
+  return restored, logits_fn
+
+
+def max_logit(config, run_dir) -> dict:
+  cfg = config.analyze
+  restored, logits_fn = _network(config)
+  splits = restored.splits
+  test_logits = logits_fn(splits.test_images)
+  by_model = {"trained on distilled data": test_logits}
+  if cfg.reference:
+    reference = build.restore_run(cfg.reference, role="analyze.reference")
+    build.check_input_space(restored.config.data, reference.config.data, role="the reference network")
+    by_model["trained on full data"] = build.logits_fn(reference.net, reference.state, parallel.make_mesh(),
+                                                       config.eval_batch_size)(splits.test_images)
+  images, _, _, described = build.calibration_data(config.calibration, splits=splits,
+                                                   training_set=restored.training_set, seed=restored.config.seed)
+  mask_key, noise_key = jax.random.split(keys.stream(config.seed, "analysis"))
+  by_ratio = {"clean": logits_fn(images)}
+  for ratio in cfg.mask_ratios:
+    by_ratio[f"masked r={ratio:g}"] = logits_fn(np.asarray(mask_inputs(mask_key, images, ratio)))
+  shifted = ood.shifted_sets(noise_sigmas=cfg.ood_noise_sigmas, dataset=cfg.ood_dataset, splits=splits,
+                             data_dir=restored.config.data.data_dir or None, key=noise_key)
+  confidence = {"test split": jax.nn.softmax(test_logits).max(-1)}
+  confidence.update({name: jax.nn.softmax(logits_fn(x)).max(-1) for name, x in shifted.items()})
+  plots.plot_max_logit_histograms(os.path.join(run_dir.plots, "max_logit_models.png"), by_model)
+  plots.plot_max_logit_histograms(os.path.join(run_dir.plots, "max_logit_masked.png"), by_ratio)
+  plots.plot_histograms(os.path.join(run_dir.plots, "max_probability_ood.png"), confidence,
+                        xlabel="max softmax probability")
+  max_of = lambda logits: np.asarray(logits).max(-1)
+  return {"max_logit_models": {name: _describe(max_of(v)) for name, v in by_model.items()},
+          "max_logit_masked": {name: _describe(max_of(v)) for name, v in by_ratio.items()},
+          "max_probability_ood": {name: _describe(v) for name, v in confidence.items()},
+          "calibration_data": described}
+
+
+def mts_ratio(config, run_dir) -> dict:
+  cal = config.calibration
+  restored, logits_fn = _network(config)
+  splits = restored.splits
+  images, labels, _, described = build.calibration_data(cal, splits=splits, training_set=restored.training_set,
+                                                        seed=restored.config.seed)
+  test_logits = jnp.asarray(logits_fn(splits.test_images))
+  ece = lambda t: float(metrics.ece(probs=jax.nn.softmax(test_logits / t), labels=splits.test_labels,
+                                    n_bins=cal.n_bins))
+  key = keys.stream(config.seed, "calibration")
+  temperatures = [float(posthoc.fit_masked_temperature(
+      logits_fn=logits_fn, inputs=images, labels=labels, ratio=ratio, key=key, method=cal.ts_method,
+      mask_target=cal.mts_target, granularity=cal.mts_granularity)) for ratio in cal.mts_ratios]
+  ts = float(posthoc.fit_temperature(logits=logits_fn(images), labels=labels, method=cal.ts_method))
+  ratios = list(cal.mts_ratios)
+  sweep = [{"ratio": r, "temperature": t, "ece": ece(t)} for r, t in zip(ratios, temperatures)]
+  plots.plot_curves(os.path.join(run_dir.plots, "mts_ratio.png"), {
+      "MTS": (ratios, [100 * row["ece"] for row in sweep]), "TS": (ratios, [100 * ece(ts)] * len(ratios)),
+      "uncalibrated": (ratios, [100 * ece(1.0)] * len(ratios))}, xlabel="mask ratio r", ylabel="test ECE %")
+  return {"sweep": sweep, "ts": {"temperature": ts, "ece": ece(ts)}, "raw": {"ece": ece(1.0)},
+          "calibration_data": described}
+
+
+def calibration_size(config, run_dir) -> dict:
+  restored, logits_fn = _network(config)
+  splits = restored.splits
+  rows = []
+  for fraction in config.analyze.split_fractions:
+    cal = ml_collections.ConfigDict(dict(config.calibration, fit_on="distilled_split", split_fraction=fraction))
+    images, labels, _, described = build.calibration_data(cal, splits=splits, training_set=restored.training_set,
+                                                          seed=restored.config.seed)
+    report = calibrate_and_report(logits_fn=logits_fn, val_images=images, val_labels=labels,
+                                  test_images=splits.test_images, test_labels=splits.test_labels, cfg=cal,
+                                  key=keys.stream(config.seed, "calibration"))
+    rows.append({"fraction": fraction, "images": described["images"], "ece_ts": report["ts"]["ece"],
+                 "ece_mts": report["mts"]["ece"], "mts_ratio": report["mts"]["ratio"]})
+  fractions = [100 * row["fraction"] for row in rows]
+  plots.plot_curves(os.path.join(run_dir.plots, "calibration_size.png"), {
+      "MTS": (fractions, [100 * row["ece_mts"] for row in rows]),
+      "TS": (fractions, [100 * row["ece_ts"] for row in rows])},
+      xlabel="share of the distilled set fitting T (%)", ylabel="test ECE %")
+  return {"sizes": rows}
+
+
+def svd_spectrum(config, run_dir) -> dict:
+  synset, splits, _, _ = build.synthetic_set(config.analyze.source)
+  labels, num_classes = np.asarray(synset.labels), splits.num_classes
+  per_class = int(np.bincount(labels, minlength=num_classes).min())
+  random = class_balanced_indices(splits.train_labels, per_class, seed=config.seed, num_classes=num_classes)
+  full = class_balanced_indices(splits.train_labels, min(config.analyze.full_class_images,
+                                                         int(np.bincount(splits.train_labels).min())),
+                                seed=config.seed, num_classes=num_classes)
+  sets = {"distilled": (np.asarray(synset.images), labels),
+          f"random real ({per_class} per class)": (splits.train_images[random], splits.train_labels[random]),
+          f"real ({len(full) // num_classes} per class)": (splits.train_images[full], splits.train_labels[full])}
+  curves = {}
+  for name, (images, set_labels) in sets.items():
+    spectra = svd.class_spectra(images, set_labels, num_classes=num_classes)
+    length = min(len(s) for s in spectra)
+    curves[name] = np.mean([svd.explained_variance(s)[:length] for s in spectra], axis=0)
+  plots.plot_curves(os.path.join(run_dir.plots, "svd_spectrum.png"),
+                    {name: (np.arange(1, len(c) + 1), c) for name, c in curves.items()},
+                    xlabel="singular components", ylabel="explained variance (class mean)")
+  return {"explained_variance": {name: c.tolist() for name, c in curves.items()}, "images_per_class": per_class}
+
+
+STUDIES = {"max_logit": max_logit, "mts_ratio": mts_ratio, "calibration_size": calibration_size,
+           "svd_spectrum": svd_spectrum}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  cfg = config.analyze
+  if cfg.study not in STUDIES:
+    raise ConfigError(f"unknown analyze.study '{cfg.study}'; choose one of: {', '.join(STUDIES)}")
+  if not cfg.source:
+    raise ConfigError("analyze needs --config.analyze.source: a finished evaluate run (svd_spectrum: a distill "
+                      "workdir or its synthetic.npz)")
+  run_dir = core.Workdir(workdir, config)
+  results = {"study": cfg.study, **STUDIES[cfg.study](config, run_dir)}
+  protocol = {"study": cfg.study, "source": os.path.abspath(cfg.source), "network": cfg.network,
+              "fit_on": config.calibration.fit_on, "mts_ratios": list(config.calibration.mts_ratios)}
+  return core.finish(run_dir, results, config=config, budget={"seed": config.seed}, protocol=protocol)
+

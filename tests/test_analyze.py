@@ -1,0 +1,72 @@
+"""Method `analyze` end to end through the CLI: every study on smoke runs writes its figure and its data."""
+
+import os
+
+import numpy as np
+import pytest
+
+from test_cli import assert_one_line_error, cli, read_json
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory):
+  """A finished evaluate smoke run: 2 networks on 2 random real images per class of digits."""
+  workdir = str(tmp_path_factory.mktemp("analyze") / "evaluate")
+  result = cli("--config=configs/evaluate.py:smoke,baseline=random", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def analyze(tmp_path, study, *flags):
+  workdir = str(tmp_path / study)
+  result = cli(f"--config=configs/analyze.py:smoke,study={study}", *flags, workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"analyze: {study}" in result.stdout
+  return workdir, read_json(os.path.join(workdir, "results.json"))
+
+
+@pytest.mark.slow
+def test_max_logit_histograms_of_models_masks_and_shifted_inputs(tmp_path, evaluation, smoke_teacher):
+  workdir, results = analyze(tmp_path, "max_logit", f"--config.analyze.source={evaluation}",
+                             f"--config.analyze.reference={smoke_teacher}")
+  assert set(results["max_logit_models"]) == {"trained on distilled data", "trained on full data"}
+  assert set(results["max_logit_masked"]) == {"clean", "masked r=0.1", "masked r=0.2", "masked r=0.3"}
+  assert set(results["max_probability_ood"]) == {"test split", "gaussian_noise_0.5", "gaussian_noise_1"}
+  assert all(0 < stats["mean"] <= 1 for stats in results["max_probability_ood"].values())
+  assert results["calibration_data"]["fit_on"] == "distilled_split"
+  for name in ("max_logit_models", "max_logit_masked", "max_probability_ood"):
+    assert os.path.exists(os.path.join(workdir, "plots", f"{name}.png"))
+
+
+@pytest.mark.slow
+def test_mts_ratio_sweep_and_calibration_size(tmp_path, evaluation):
+  _, sweep = analyze(tmp_path, "mts_ratio", f"--config.analyze.source={evaluation}")
+  assert [row["ratio"] for row in sweep["sweep"]] == [0.1, 0.5]
+  assert all(row["temperature"] > 0 and 0 <= row["ece"] <= 1 for row in sweep["sweep"])
+  # TS on the same calibration data as the evaluate run (its distilled split, its seed) gives its TS result.
+  evaluated = read_json(os.path.join(evaluation, "results.json"))["per_network"][0]
+  assert sweep["ts"]["ece"] == pytest.approx(evaluated["ts"]["ece"], abs=1e-6)
+  assert sweep["raw"]["ece"] == pytest.approx(evaluated["raw"]["ece"], abs=1e-6)
+  _, sizes = analyze(tmp_path, "calibration_size", f"--config.analyze.source={evaluation}")
+  assert [row["fraction"] for row in sizes["sizes"]] == [0.1, 0.2, 0.3, 0.4, 0.5]
+  assert all(row["images"] == 10 for row in sizes["sizes"])  # 2 images per class: one each at every share
+
+
+@pytest.mark.slow
+def test_svd_spectrum_of_a_distilled_set(tmp_path):
+  distilled = str(tmp_path / "distill")
+  assert cli("--config=configs/distill.py:method=dm,ipc=2,smoke", workdir=distilled).returncode == 0
+  _, results = analyze(tmp_path, "svd_spectrum", f"--config.analyze.source={distilled}")
+  curves = results["explained_variance"]
+  assert len(curves) == 3 and results["images_per_class"] == 2
+  for curve in curves.values():
+    assert np.all(np.diff(curve) >= -1e-12) and 0 < curve[0] <= 1 and curve[-1] <= 1 + 1e-9
+  assert curves["distilled"][-1] == pytest.approx(1.0)  # 2 images per class: 2 components hold everything
+
+
+def test_bad_study_and_missing_source_are_one_line(tmp_path):
+  assert_one_line_error(cli("--config=configs/analyze.py:smoke,study=tsne", "--config.analyze.source=x",
+                            workdir=str(tmp_path / "a")), "unknown analyze.study 'tsne'")
+  assert_one_line_error(cli("--config=configs/analyze.py:smoke", workdir=str(tmp_path / "b")),
+                        "analyze needs --config.analyze.source")
+  assert not os.path.exists(os.path.join(tmp_path, "b", "config.json"))
