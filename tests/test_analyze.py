@@ -70,3 +70,17 @@ def test_bad_study_and_missing_source_are_one_line(tmp_path):
   assert_one_line_error(cli("--config=configs/analyze.py:smoke", workdir=str(tmp_path / "b")),
                         "analyze needs --config.analyze.source")
   assert not os.path.exists(os.path.join(tmp_path, "b", "config.json"))
+
+
+@pytest.mark.slow
+def test_svd_truncation_retrains_the_evaluate_protocol_and_k0_is_the_evaluation(tmp_path, evaluation):
+  workdir, results = analyze(tmp_path, "svd_truncation", f"--config.analyze.source={evaluation}",
+                             "--config.analyze.truncation_ks=(0,2)")
+  rows = results["truncation"]
+  assert [row["k"] for row in rows] == [0, 2] and results["networks"] == 2
+  # k = 0 retrains the untouched set with the evaluate run's own protocol and keys: its networks, bit for bit.
+  evaluated = read_json(os.path.join(evaluation, "results.json"))["per_network"]
+  np.testing.assert_allclose(rows[0]["per_network"], [n["raw"]["accuracy"] for n in evaluated], rtol=1e-6)
+  # k = 2 removes both components of every class (2 images per class): all images are zero.
+  assert rows[1]["accuracy"]["mean"] <= 0.2
+  assert os.path.isdir(os.path.join(workdir, "truncated_k2", "checkpoints"))

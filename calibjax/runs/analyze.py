@@ -14,8 +14,11 @@ except for svd_spectrum):
   * svd_spectrum (Fig. 3): the explained-variance curve (`calibjax.analysis.svd`) of each class's distilled
     images, of as many random real images of the class, and of the class's real training images (at most
     `analyze.full_class_images`), averaged over classes; `analyze.source` is a distill workdir or its .npz.
-The truncation-and-retraining half of the SVD study (Fig. 5) and the per-layer t-SNE (Figs. 4, 6) are not here
-yet.
+  * svd_truncation (Fig. 5): the training set of an evaluate run (distilled, with or without MDT, or a random
+    real baseline) with the top-k singular components of each class removed, for each k of
+    `analyze.truncation_ks`, retrained with that run's own protocol and networks; test accuracy against k (each
+    k in its own resumable sub-workdir).
+The per-layer t-SNE (Figs. 4, 6) is not here yet.
 """
 
 import os
@@ -32,7 +35,8 @@ from calibjax.calibration.report import calibrate_and_report
 from calibjax.data.sampling import class_balanced_indices
 from calibjax.errors import ConfigError
 from calibjax.masks import mask_inputs
-from calibjax.runs import core
+from calibjax.runs import core, evaluate
+from calibjax.train import step as step_lib
 
 
 def _describe(values) -> dict:
@@ -146,8 +150,37 @@ def svd_spectrum(config, run_dir) -> dict:
   return {"explained_variance": {name: c.tolist() for name, c in curves.items()}, "images_per_class": per_class}
 
 
+def svd_truncation(config, run_dir) -> dict:
+  source = build.run_config(config.analyze.source, methods=("evaluate",), role="analyze.source")
+  synset, splits, described = build.training_set(source)
+  labels = np.asarray(synset.labels)
+  net = build.network(source.model, splits)
+  objective = evaluate.ensemble_objective(source)
+  targets = jnp.asarray(synset.soft_labels if synset.soft_labels is not None else labels)
+  predict_fn = step_lib.make_predict_fn(net, parallel.make_mesh())
+  rows = []
+  for k in config.analyze.truncation_ks:
+    images = svd.drop_top_components(np.asarray(synset.images), labels, k, num_classes=splits.num_classes)
+    # One resumable workdir per k: a killed study retrains only what it had not finished.
+    states = evaluate.train_networks(core.Workdir(os.path.join(run_dir.path, f"truncated_k{k}"), config),
+                                     source, net=net, objective=objective, images=jnp.asarray(images),
+                                     targets=targets, lr=evaluate.learning_rate(source, synset),
+                                     num_classes=splits.num_classes)
+    accuracies = [float(np.mean(build.logits_fn(
+        net, jax.tree.map(lambda leaf: leaf[n], states), parallel.make_mesh(), config.eval_batch_size,
+        predict_fn=predict_fn)(splits.test_images).argmax(-1) == splits.test_labels))
+        for n in range(source.evaluate.num_nets)]
+    rows.append({"k": k, "accuracy": _describe(accuracies), "per_network": accuracies})
+  ks = [row["k"] for row in rows]
+  plots.plot_curves(os.path.join(run_dir.plots, "svd_truncation.png"), {
+      f"{described['method']} ipc {described['ipc']}": (ks, [100 * row["accuracy"]["mean"] for row in rows])},
+      xlabel="top singular components removed per class (k)", ylabel="test accuracy %")
+  return {"truncation": rows, "training_set": described, "networks": source.evaluate.num_nets,
+          "epochs": source.train.epochs}
+
+
 STUDIES = {"max_logit": max_logit, "mts_ratio": mts_ratio, "calibration_size": calibration_size,
-           "svd_spectrum": svd_spectrum}
+           "svd_spectrum": svd_spectrum, "svd_truncation": svd_truncation}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -41,12 +41,43 @@ from calibjax.runs import core
 from calibjax.train import step as step_lib
 from calibjax.train.ensemble import epoch_batches, make_ensemble_step
 
+
 def learning_rate(config: ml_collections.ConfigDict, synset: SyntheticSet) -> float:
   """`train.lr`, or the set's learned lr (MTT) with `evaluate.learned_lr`."""
   lr = float(np.exp(synset.log_lr)) if config.evaluate.learned_lr else float(config.train.lr)
   if not lr > 0:
     raise ConfigError(f"the evaluation lr must be positive, got {lr}; set train.lr or evaluate.learned_lr=False")
   return lr
+
+
+def ensemble_objective(config: ml_collections.ConfigDict):
+  """The training objective of the K networks; a loss updated from validation data between epochs is refused."""
+  objective, update = build.objective(config.loss)
+  if update is not None:
+    raise ConfigError(f"loss '{config.loss.name}' updates its state from validation data every epoch, which "
+                      "evaluate does not do; use it with the train method")
+  return objective
+
+
+def train_networks(run_dir: core.Workdir, config: ml_collections.ConfigDict, *, net, objective, images, targets,
+                   lr: float, num_classes: int):
+  """Trains `config.evaluate.num_nets` networks together on (images, targets) with the `train` block's protocol
+  and `lr`, resuming from `run_dir`; returns their stacked train states."""
+  ev, train = config.evaluate, config.train
+  n, batch = len(images), min(train.batch_size, len(images))
+  tx = build.optimizer(train, steps_per_epoch=-(-n // batch), lr=lr)
+  init, ensemble_step = make_ensemble_step(
+      net, objective, tx, batch_transform=make_batch_transform(config.augment, num_classes=num_classes))
+  steps_keys, order_keys = (keys.streams(config.seed, name, ev.num_nets) for name in ("steps", "order"))
+
+  def epoch(states, index, tick):
+    for idx in epoch_batches(order_keys, index, n, batch):
+      states, metrics = ensemble_step(states, steps_keys, idx, images, targets)
+    return states, lambda: {f"train_{k}_last_batch": [float(x) for x in v] for k, v in
+                            jax.device_get(metrics).items()}
+
+  return core.loop(run_dir, init(keys.streams(config.seed, "init", ev.num_nets)), epoch, total=train.epochs,
+                   cadence=core.Cadence.from_config(train, "epoch"), description=f"evaluate {ev.num_nets} nets")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -59,27 +90,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   keep = slice(None) if train_keep is None else train_keep
   images = jnp.asarray(np.asarray(synset.images)[keep], jnp.float32)
   targets = jnp.asarray(np.asarray(synset.soft_labels if synset.soft_labels is not None else labels)[keep])
-  n, batch = len(images), min(train.batch_size, len(images))
   lr = learning_rate(config, synset)
   net = build.network(config.model, splits)
-  objective, update = build.objective(config.loss)
-  if update is not None:
-    raise ConfigError(f"loss '{config.loss.name}' updates its state from validation data every epoch, which "
-                      "evaluate does not do; use it with the train method")
-  tx = build.optimizer(train, steps_per_epoch=-(-n // batch), lr=lr)
-  init, ensemble_step = make_ensemble_step(
-      net, objective, tx, batch_transform=make_batch_transform(config.augment, num_classes=splits.num_classes))
+  objective = ensemble_objective(config)
   run_dir = core.Workdir(workdir, config)
-  steps_keys, order_keys = (keys.streams(config.seed, name, ev.num_nets) for name in ("steps", "order"))
-
-  def epoch(states, index, tick):
-    for idx in epoch_batches(order_keys, index, n, batch):
-      states, metrics = ensemble_step(states, steps_keys, idx, images, targets)
-    return states, lambda: {f"train_{k}_last_batch": [float(x) for x in v] for k, v in
-                            jax.device_get(metrics).items()}
-
-  states = core.loop(run_dir, init(keys.streams(config.seed, "init", ev.num_nets)), epoch, total=train.epochs,
-                     cadence=core.Cadence.from_config(train, "epoch"), description=f"evaluate {ev.num_nets} nets")
+  states = train_networks(run_dir, config, net=net, objective=objective, images=images, targets=targets, lr=lr,
+                          num_classes=splits.num_classes)
+  n, batch = len(images), min(train.batch_size, len(images))
   mesh = parallel.make_mesh()
   predict_fn = step_lib.make_predict_fn(net, mesh)
   calibration_keys = keys.streams(config.seed, "calibration", ev.num_nets)
