@@ -6,7 +6,7 @@
       --workdir runs/dsa10_svd
 
 Presets (`:key=value,...`): study (max_logit: Figs. 2a, 7, 2b; mts_ratio: Fig. 8; calibration_size: Fig. 9;
-svd_spectrum: Fig. 3; svd_truncation: Fig. 5), network (which network of the evaluate source), fit_on (where TS / MTS are fitted:
+svd_spectrum: Fig. 3; svd_truncation: Fig. 5; tsne: Figs. 4, 6), network (which network of the evaluate source), fit_on (where TS / MTS are fitted:
 distilled_split, the paper's, by default; distilled_full; held_out_real), seed, smoke (two MTS ratios, small
 evaluation batches). `analyze.source` is a finished evaluate run (svd_spectrum: a distill workdir or its .npz),
 `analyze.reference` an optional finished train run on full data (max_logit's Fig. 2a).
@@ -34,6 +34,8 @@ def get_config(arg=None):
   a.split_fractions = (0.1, 0.2, 0.3, 0.4, 0.5)  # Fig. 9: N = 10 ... 50 % of the distilled set
   a.full_class_images = 500  # svd_spectrum: real images per class in the full-class curve
   a.truncation_ks = (0, 1, 2, 3, 4, 5)  # svd_truncation (Fig. 5): top components removed per class
+  a.tsne_images = 1000  # tsne (Figs. 4, 6): class-balanced test images embedded
   if preset.smoke:
     config_lib.smoke(c)
+    a.tsne_images = 100
   return c

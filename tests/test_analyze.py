@@ -65,8 +65,8 @@ def test_svd_spectrum_of_a_distilled_set(tmp_path):
 
 
 def test_bad_study_and_missing_source_are_one_line(tmp_path):
-  assert_one_line_error(cli("--config=configs/analyze.py:smoke,study=tsne", "--config.analyze.source=x",
-                            workdir=str(tmp_path / "a")), "unknown analyze.study 'tsne'")
+  assert_one_line_error(cli("--config=configs/analyze.py:smoke,study=umap", "--config.analyze.source=x",
+                            workdir=str(tmp_path / "a")), "unknown analyze.study 'umap'")
   assert_one_line_error(cli("--config=configs/analyze.py:smoke", workdir=str(tmp_path / "b")),
                         "analyze needs --config.analyze.source")
   assert not os.path.exists(os.path.join(tmp_path, "b", "config.json"))
@@ -84,3 +84,15 @@ def test_svd_truncation_retrains_the_evaluate_protocol_and_k0_is_the_evaluation(
   # k = 2 removes both components of every class (2 images per class): all images are zero.
   assert rows[1]["accuracy"]["mean"] <= 0.2
   assert os.path.isdir(os.path.join(workdir, "truncated_k2", "checkpoints"))
+
+
+@pytest.mark.slow
+def test_tsne_of_every_layer_for_both_networks(tmp_path, evaluation, smoke_teacher):
+  workdir, results = analyze(tmp_path, "tsne", f"--config.analyze.source={evaluation}",
+                             f"--config.analyze.reference={smoke_teacher}")
+  titles = [f"{model}, {layer}" for model in ("trained on distilled data", "trained on full data")
+            for layer in ("block 1", "block 2", "logits")]  # the smoke ConvNet has 2 blocks
+  assert list(results["silhouette"]) == titles and all(-1 <= s <= 1 for s in results["silhouette"].values())
+  assert results["images"] == 100 and len(results["labels"]) == 100
+  assert all(np.asarray(points).shape == (100, 2) for points in results["embeddings"].values())
+  assert os.path.exists(os.path.join(workdir, "plots", "tsne.png"))

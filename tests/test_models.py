@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from calibjax import models
-from calibjax.errors import UnknownNameError
+from calibjax.errors import ConfigError, UnknownNameError
 
 
 @pytest.mark.parametrize("input_shape,num_classes,expected", [
@@ -77,3 +77,16 @@ def test_fast_paths_equal_the_plain_layers():
   x = jax.random.normal(jax.random.key(0), (2, 7, 9, 3))
   np.testing.assert_allclose(pool2x2(x, "avg"), nnx.avg_pool(x, (2, 2), strides=(2, 2)), atol=1e-6)
   np.testing.assert_array_equal(pool2x2(x, "max"), nnx.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+def test_convnet_layer_features_are_its_blocks_then_its_logits():
+  net = models.build("convnet", num_classes=3, input_shape=(8, 8, 1), width=4, depth=2)
+  params, state = net.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (5, 8, 8, 1))
+  layers = net.layer_features(params, state, x)
+  assert [f.shape for f in layers] == [(5, 6 * 6 * 4), (5, 3 * 3 * 4), (5, 3)]
+  np.testing.assert_array_equal(layers[-2], net.embed(params, state, x))
+  np.testing.assert_array_equal(layers[-1], net.apply(params, state, x)[0])
+  resnet = models.build("resnet8", num_classes=3, input_shape=(8, 8, 3))
+  with pytest.raises(ConfigError, match="ConvNet only"):
+    resnet.layer_features(*resnet.init(jax.random.key(0)), jnp.zeros((1, 8, 8, 3)))

@@ -173,6 +173,22 @@ def plot_histograms(path: str, values_by_name: Mapping[str, np.ndarray], *, xlab
   return _save(fig, path)
 
 
+def plot_embeddings(path: str, panels: Mapping[str, np.ndarray], *, labels: np.ndarray, columns: int) -> str:
+  """2-D points (N, 2) per panel title, coloured by integer label, `columns` panels a row; returns `path`."""
+  rows = -(-len(panels) // columns)
+  fig = Figure(figsize=(3 * columns, 3 * rows))
+  axes = np.atleast_2d(fig.subplots(rows, columns, squeeze=False))
+  for ax, (title, points) in zip(axes.ravel(), panels.items()):
+    ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=4)
+    ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  for ax in axes.ravel()[len(panels):]:
+    ax.axis("off")
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def plot_curves(path: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, xlabel: str,
                 ylabel: str) -> str:
   """One line (with markers) per legend name, from (x, y) pairs; returns `path`."""

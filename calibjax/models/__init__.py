@@ -12,6 +12,7 @@ from typing import Any, Callable
 from flax import nnx
 import jax
 
+from calibjax.errors import ConfigError
 from calibjax.models import mobilenetv2, resnet, resnet_cifar, shufflenet, vgg, wrn
 from calibjax.models.convnet import ConvNet
 from calibjax.registry import Registry
@@ -57,6 +58,15 @@ class Network:
   def embed(self, params: Params, state: ModelState, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Penultimate features (N, D) for models that define `embed` (the ConvNet does; DM uses it)."""
     return nnx.merge(self.graphdef, params, state).embed(x, train=train)
+
+  def layer_features(self, params: Params, state: ModelState, x: jax.Array) -> list[jax.Array]:
+    """Every conv block's output and the logits, flattened to (N, D_l), in inference mode: the ConvNet's layers
+    (the MTS paper's per-layer t-SNE)."""
+    model = nnx.merge(self.graphdef, params, state)
+    if not isinstance(model, ConvNet):
+      raise ConfigError(f"per-layer features are defined for the ConvNet only, not for model '{self.name}'")
+    blocks = model.blocks(x, train=False)
+    return [b.reshape(b.shape[0], -1) for b in blocks] + [model.head(blocks[-1].reshape(x.shape[0], -1))]
 
 
 def build(name: str, *, num_classes: int, input_shape: tuple[int, int, int], **kwargs) -> Network:

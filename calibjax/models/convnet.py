@@ -55,8 +55,9 @@ class ConvNet(nnx.Module):
     self.head = nnx.Linear(self.feature_dim, num_classes, rngs=rngs,
                            **_init_kwargs(init, fan_in=self.feature_dim))
 
-  def embed(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Flattened features before the head, (N, feature_dim); DM matches their class means."""
+  def blocks(self, x: jax.Array, *, train: bool = False) -> list[jax.Array]:
+    """The output of every conv block (conv, norm, ReLU, pooling), (N, H_l, W_l, width) each, in order."""
+    outputs = []
     for conv, norm in zip(self.convs, self.norms):
       x = conv_as_matmul(conv, x) if use_matmul(conv) else conv(x)
       if isinstance(norm, nnx.BatchNorm):
@@ -66,6 +67,12 @@ class ConvNet(nnx.Module):
       x = jax.nn.relu(x)
       if self.pooling != "none":
         x = pool2x2(x, self.pooling)
+      outputs.append(x)
+    return outputs
+
+  def embed(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Flattened features before the head, (N, feature_dim); DM matches their class means."""
+    x = self.blocks(x, train=train)[-1]
     return x.reshape(x.shape[0], -1)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:

@@ -18,7 +18,10 @@ except for svd_spectrum):
     real baseline) with the top-k singular components of each class removed, for each k of
     `analyze.truncation_ks`, retrained with that run's own protocol and networks; test accuracy against k (each
     k in its own resumable sub-workdir).
-The per-layer t-SNE (Figs. 4, 6) is not here yet.
+  * tsne (Figs. 4, 6): 2-D t-SNE (scikit-learn, PCA init, seeded) of every layer's features (each conv block,
+    the logits) of `analyze.tsne_images` class-balanced test images, for the DDNN and the full-data network of
+    `analyze.reference`, one panel per model and layer, coloured by class; the silhouette score of each layer's
+    (high-dimensional) features by class is reported next to the figure.
 """
 
 import os
@@ -179,7 +182,38 @@ def svd_truncation(config, run_dir) -> dict:
           "epochs": source.train.epochs}
 
 
-STUDIES = {"max_logit": max_logit, "mts_ratio": mts_ratio, "calibration_size": calibration_size,
+def tsne(config, run_dir) -> dict:
+  from sklearn.manifold import TSNE  # Imported here: only this study needs it.
+  from sklearn.metrics import silhouette_score
+
+  cfg = config.analyze
+  restored, _ = _network(config)
+  splits = restored.splits
+  pick = class_balanced_indices(splits.test_labels, max(1, cfg.tsne_images // splits.num_classes),
+                                seed=config.seed, num_classes=splits.num_classes)
+  images, labels = splits.test_images[pick], splits.test_labels[pick]
+  models = {"trained on distilled data": restored}
+  if cfg.reference:
+    models["trained on full data"] = build.restore_run(cfg.reference, role="analyze.reference")
+    build.check_input_space(restored.config.data, models["trained on full data"].config.data,
+                            role="the reference network")
+  panels, scores = {}, {}
+  for name, model in models.items():
+    layers = model.net.layer_features(model.state["params"], model.state["model_state"], jnp.asarray(images))
+    for layer, features in enumerate(layers):
+      title = f"{name}, {'logits' if layer == len(layers) - 1 else f'block {layer + 1}'}"
+      points = TSNE(n_components=2, perplexity=min(30.0, (len(images) - 1) / 3), init="pca",
+                    random_state=config.seed).fit_transform(np.asarray(features, np.float64))
+      panels[title] = points
+      # How well the classes separate in that layer's features (the figure's visual claim, as a number).
+      scores[title] = float(silhouette_score(np.asarray(features), labels))
+  plots.plot_embeddings(os.path.join(run_dir.plots, "tsne.png"), panels, labels=labels, columns=len(layers))
+  return {"silhouette": scores, "images": len(labels),
+          "embeddings": {title: points.round(4).tolist() for title, points in panels.items()},
+          "labels": labels.tolist()}
+
+
+STUDIES = {"max_logit": max_logit, "tsne": tsne, "mts_ratio": mts_ratio, "calibration_size": calibration_size,
            "svd_spectrum": svd_spectrum, "svd_truncation": svd_truncation}
 
 

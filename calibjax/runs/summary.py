@@ -19,7 +19,8 @@ CALIBRATE_EXTRAS = ("ood", "source", "budget", "manifest")
 # The figures each study of `calibjax.runs.analyze` writes into plots/.
 ANALYZE_PLOTS = {"max_logit": ("max_logit_models.png", "max_logit_masked.png", "max_probability_ood.png"),
                  "mts_ratio": ("mts_ratio.png",), "calibration_size": ("calibration_size.png",),
-                 "svd_spectrum": ("svd_spectrum.png",), "svd_truncation": ("svd_truncation.png",)}
+                 "svd_spectrum": ("svd_spectrum.png",), "svd_truncation": ("svd_truncation.png",),
+                 "tsne": ("tsne.png",)}
 
 
 def format_results(method: str, results: dict, *, workdir: str) -> str:
@@ -152,6 +153,9 @@ def _format_analyze(results: dict, *, workdir: str) -> str:
     rows = [(f"MTS r={row['ratio']:g}", _percent(row["ece"])) for row in results.get("sweep", [])]
     rows += [("TS", _percent(_get(results, "ts", "ece"))), ("uncalibrated", _percent(_get(results, "raw", "ece")))]
     header = ("", "test ECE %")
+  elif study == "tsne":
+    rows = [(title, f"{score:.3f}") for title, score in (results.get("silhouette") or {}).items()]
+    header = ("features", "silhouette by class")
   elif study == "svd_truncation":
     rows = [(f"k={row['k']}", _mean_std(row["accuracy"], percent=True)) for row in results.get("truncation", [])]
     header = ("", "test accuracy %")
