@@ -48,11 +48,18 @@ def _describe(values) -> dict:
 
 
 def _network(config):
-  """The DDNN of the source evaluate run, its logits function and its calibration data."""
+  """The DDNN of the source evaluate run (`build.Restored`) and its logits function."""
   restored = build.restore_run(config.analyze.source, methods=("evaluate",), role="analyze.source",
                                network_index=config.analyze.network)
   logits_fn = build.logits_fn(restored.net, restored.state, parallel.make_mesh(), config.eval_batch_size)
   return restored, logits_fn
+
+
+def _reference(config, restored):
+  """The full-data network of `analyze.reference`, which must share the DDNN's input space."""
+  reference = build.restore_run(config.analyze.reference, role="analyze.reference")
+  build.check_input_space(restored.config.data, reference.config.data, role="the reference network")
+  return reference
 
 
 def max_logit(config, run_dir) -> dict:
@@ -62,8 +69,7 @@ def max_logit(config, run_dir) -> dict:
   test_logits = logits_fn(splits.test_images)
   by_model = {"trained on distilled data": test_logits}
   if cfg.reference:
-    reference = build.restore_run(cfg.reference, role="analyze.reference")
-    build.check_input_space(restored.config.data, reference.config.data, role="the reference network")
+    reference = _reference(config, restored)
     by_model["trained on full data"] = build.logits_fn(reference.net, reference.state, parallel.make_mesh(),
                                                        config.eval_batch_size)(splits.test_images)
   images, _, _, described = build.calibration_data(config.calibration, splits=splits,
@@ -194,9 +200,7 @@ def tsne(config, run_dir) -> dict:
   images, labels = splits.test_images[pick], splits.test_labels[pick]
   models = {"trained on distilled data": restored}
   if cfg.reference:
-    models["trained on full data"] = build.restore_run(cfg.reference, role="analyze.reference")
-    build.check_input_space(restored.config.data, models["trained on full data"].config.data,
-                            role="the reference network")
+    models["trained on full data"] = _reference(config, restored)
   panels, scores = {}, {}
   for name, model in models.items():
     layers = model.net.layer_features(model.state["params"], model.state["model_state"], jnp.asarray(images))
