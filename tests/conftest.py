@@ -7,7 +7,8 @@ workers through the environment, and removed at the end of the session. The cach
 same executable a compilation would have produced.
 
 `smoke_teacher` is a finished configs/train.py:smoke run shared by the train smoke, calibrate, kd and crd
-tests (made at most once per pytest-xdist worker).
+tests, `smoke_evaluation` a finished evaluate smoke run shared by the calibration-data and analyze tests (each
+made at most once per pytest-xdist worker).
 
 The CLI subprocesses compile with XLA's backend optimisation level 0 (see test_cli.ENV).
 """
@@ -30,6 +31,17 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if getattr(config, "_calibjax_owns_cache", False):
     shutil.rmtree(os.environ.pop(CACHE_VARIABLE), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smoke_evaluation(tmp_path_factory):
+  """A finished configs/evaluate.py:smoke,baseline=random run (2 networks on 2 random real digits per class,
+  calibrators on its distilled split): the source of the calibrate-on-evaluate and analyze tests."""
+  from test_cli import cli
+  workdir = str(tmp_path_factory.mktemp("evaluate") / "random_eval")
+  result = cli("--config=configs/evaluate.py:smoke,baseline=random", workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
 
 
 @pytest.fixture(scope="session")

@@ -8,15 +8,6 @@ import pytest
 from test_cli import assert_one_line_error, cli, read_json
 
 
-@pytest.fixture(scope="module")
-def evaluation(tmp_path_factory):
-  """A finished evaluate smoke run: 2 networks on 2 random real images per class of digits."""
-  workdir = str(tmp_path_factory.mktemp("analyze") / "evaluate")
-  result = cli("--config=configs/evaluate.py:smoke,baseline=random", workdir=workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
 def analyze(tmp_path, study, *flags):
   workdir = str(tmp_path / study)
   result = cli(f"--config=configs/analyze.py:smoke,study={study}", *flags, workdir=workdir)
@@ -26,8 +17,8 @@ def analyze(tmp_path, study, *flags):
 
 
 @pytest.mark.slow
-def test_max_logit_histograms_of_models_masks_and_shifted_inputs(tmp_path, evaluation, smoke_teacher):
-  workdir, results = analyze(tmp_path, "max_logit", f"--config.analyze.source={evaluation}",
+def test_max_logit_histograms_of_models_masks_and_shifted_inputs(tmp_path, smoke_evaluation, smoke_teacher):
+  workdir, results = analyze(tmp_path, "max_logit", f"--config.analyze.source={smoke_evaluation}",
                              f"--config.analyze.reference={smoke_teacher}")
   assert set(results["max_logit_models"]) == {"trained on distilled data", "trained on full data"}
   assert set(results["max_logit_masked"]) == {"clean", "masked r=0.1", "masked r=0.2", "masked r=0.3"}
@@ -39,15 +30,15 @@ def test_max_logit_histograms_of_models_masks_and_shifted_inputs(tmp_path, evalu
 
 
 @pytest.mark.slow
-def test_mts_ratio_sweep_and_calibration_size(tmp_path, evaluation):
-  _, sweep = analyze(tmp_path, "mts_ratio", f"--config.analyze.source={evaluation}")
+def test_mts_ratio_sweep_and_calibration_size(tmp_path, smoke_evaluation):
+  _, sweep = analyze(tmp_path, "mts_ratio", f"--config.analyze.source={smoke_evaluation}")
   assert [row["ratio"] for row in sweep["sweep"]] == [0.1, 0.5]
   assert all(row["temperature"] > 0 and 0 <= row["ece"] <= 1 for row in sweep["sweep"])
   # TS on the same calibration data as the evaluate run (its distilled split, its seed) gives its TS result.
-  evaluated = read_json(os.path.join(evaluation, "results.json"))["per_network"][0]
+  evaluated = read_json(os.path.join(smoke_evaluation, "results.json"))["per_network"][0]
   assert sweep["ts"]["ece"] == pytest.approx(evaluated["ts"]["ece"], abs=1e-6)
   assert sweep["raw"]["ece"] == pytest.approx(evaluated["raw"]["ece"], abs=1e-6)
-  _, sizes = analyze(tmp_path, "calibration_size", f"--config.analyze.source={evaluation}")
+  _, sizes = analyze(tmp_path, "calibration_size", f"--config.analyze.source={smoke_evaluation}")
   assert [row["fraction"] for row in sizes["sizes"]] == [0.1, 0.2, 0.3, 0.4, 0.5]
   assert all(row["images"] == 10 for row in sizes["sizes"])  # 2 images per class: one each at every share
 
@@ -73,13 +64,13 @@ def test_bad_study_and_missing_source_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_svd_truncation_retrains_the_evaluate_protocol_and_k0_is_the_evaluation(tmp_path, evaluation):
-  workdir, results = analyze(tmp_path, "svd_truncation", f"--config.analyze.source={evaluation}",
+def test_svd_truncation_retrains_the_evaluate_protocol_and_k0_is_the_evaluation(tmp_path, smoke_evaluation):
+  workdir, results = analyze(tmp_path, "svd_truncation", f"--config.analyze.source={smoke_evaluation}",
                              "--config.analyze.truncation_ks=(0,2)")
   rows = results["truncation"]
   assert [row["k"] for row in rows] == [0, 2] and results["networks"] == 2
   # k = 0 retrains the untouched set with the evaluate run's own protocol and keys: its networks, bit for bit.
-  evaluated = read_json(os.path.join(evaluation, "results.json"))["per_network"]
+  evaluated = read_json(os.path.join(smoke_evaluation, "results.json"))["per_network"]
   np.testing.assert_allclose(rows[0]["per_network"], [n["raw"]["accuracy"] for n in evaluated], rtol=1e-6)
   # k = 2 removes both components of every class (2 images per class): all images are zero.
   assert rows[1]["accuracy"]["mean"] <= 0.2
@@ -87,8 +78,8 @@ def test_svd_truncation_retrains_the_evaluate_protocol_and_k0_is_the_evaluation(
 
 
 @pytest.mark.slow
-def test_tsne_of_every_layer_for_both_networks(tmp_path, evaluation, smoke_teacher):
-  workdir, results = analyze(tmp_path, "tsne", f"--config.analyze.source={evaluation}",
+def test_tsne_of_every_layer_for_both_networks(tmp_path, smoke_evaluation, smoke_teacher):
+  workdir, results = analyze(tmp_path, "tsne", f"--config.analyze.source={smoke_evaluation}",
                              f"--config.analyze.reference={smoke_teacher}")
   titles = [f"{model}, {layer}" for model in ("trained on distilled data", "trained on full data")
             for layer in ("block 1", "block 2", "logits")]  # the smoke ConvNet has 2 blocks

@@ -120,18 +120,9 @@ def test_the_mts_ratio_sees_the_test_split_only_in_the_reproduction_mode(monkeyp
         cfg=_cfg(mts_selection="test"), key=jax.random.key(0))
 
 
-@pytest.fixture(scope="module")
-def random_evaluation(tmp_path_factory):
-  """A finished evaluate smoke run (2 networks on 2 random real images per class of digits), default fit_on."""
-  workdir = str(tmp_path_factory.mktemp("evaluate") / "random_eval")
-  result = cli("--config=configs/evaluate.py:smoke,baseline=random", workdir=workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
 @pytest.mark.slow
-def test_evaluate_fits_on_the_distilled_split_by_default_and_says_so(random_evaluation):
-  workdir = random_evaluation
+def test_evaluate_fits_on_the_distilled_split_by_default_and_says_so(smoke_evaluation):
+  workdir = smoke_evaluation
   results = read_json(os.path.join(workdir, "results.json"))
   described = results["calibration_data"]
   assert (described["fit_on"], described["images"], described["in_training"]) == ("distilled_split", 10, True)
@@ -142,10 +133,10 @@ def test_evaluate_fits_on_the_distilled_split_by_default_and_says_so(random_eval
 
 
 @pytest.mark.slow
-def test_calibrate_one_network_of_an_evaluate_run_on_its_distilled_split(tmp_path, random_evaluation, smoke_teacher):
+def test_calibrate_one_network_of_an_evaluate_run_on_its_distilled_split(tmp_path, smoke_evaluation, smoke_teacher):
   workdir = str(tmp_path / "calibrate")
   result = cli("--config=configs/calibrate.py:smoke,fit_on=distilled_split,network=1",
-               f"--config.calibrate.source={random_evaluation}", "--config.calibrate.calibrators=temperature+mts",
+               f"--config.calibrate.source={smoke_evaluation}", "--config.calibrate.calibrators=temperature+mts",
                workdir=workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   results = read_json(os.path.join(workdir, "results.json"))
@@ -153,7 +144,7 @@ def test_calibrate_one_network_of_an_evaluate_run_on_its_distilled_split(tmp_pat
   fitted = results["manifest"]["protocol"]["calibrators_fitted_on"]
   assert (fitted["fit_on"], fitted["images"], fitted["in_training"]) == ("distilled_split", 10, True)
   # The network is the evaluate run's network 1: its uncalibrated test accuracy is that run's.
-  evaluation = read_json(os.path.join(random_evaluation, "results.json"))
+  evaluation = read_json(os.path.join(smoke_evaluation, "results.json"))
   assert results["uncalibrated"]["accuracy"] == evaluation["per_network"][1]["raw"]["accuracy"]
   assert os.path.exists(os.path.join(workdir, "plots", "max_logit.png"))
   # A train run has no distilled set: the distilled options are refused in one line, before any work.
