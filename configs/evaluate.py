@@ -12,6 +12,7 @@ are label_smoothing and focal, whose defaults are the paper's 0.1 and γ = 1), m
 the MTS fork), dsa (DSA augmentation, on by default as DSA/DM/MTT evaluate), learned_lr (MTT: train with the
 set's learned lr), fit_on (where TS and MTS are fitted: distilled_split, the MTS paper's 10 % per class of the
 distilled set, by default; distilled_full; held_out_real, `evaluate.val_per_class` held-out real images per class),
+also_fit_on ('+'-separated fit_on options whose TS / MTS are reported too, on the same networks),
 schedule (the lr decay: reference, after pass epochs // 2 + 2 with a momentum restart, as `evaluate_synset`;
 decay_at_half, after pass epochs // 2 + 1 without, the protocol of the committed tables), seed, smoke.
 
@@ -53,7 +54,7 @@ def evaluation_training(epochs: int, schedule: str = "reference") -> ml_collecti
 def get_config(arg=None):
   preset = config_lib.parse_arg(arg, baseline="", ipc=10, dataset="fashion_mnist", num_nets=5, epochs=0,
                                 budget="paper", loss="ce", mixing="none", dsa=True, learned_lr=False,
-                                fit_on="distilled_split", schedule="reference", seed=0, smoke=False)
+                                fit_on="distilled_split", also_fit_on="", schedule="reference", seed=0, smoke=False)
   if preset.budget not in EPOCHS:
     raise ConfigError(f"preset budget must be one of {', '.join(EPOCHS)}, got '{preset.budget}'")
   c = config_lib.base_config("evaluate")
@@ -70,6 +71,7 @@ def get_config(arg=None):
   ev.learned_lr = preset.learned_lr
   c.train = evaluation_training(preset.epochs or EPOCHS[preset.budget], preset.schedule)
   c.calibration.fit_on = preset.fit_on
+  ev.also_fit_on = preset.also_fit_on  # '+'-separated further fit_on options, on the same networks
   c.loss = config_lib.loss_config(preset.loss)
   c.augment.dsa = preset.dsa
   c.augment.mixing = preset.mixing

@@ -130,6 +130,16 @@ def test_evaluate_fits_on_the_distilled_split_by_default_and_says_so(smoke_evalu
   assert results["manifest"]["protocol"]["calibrators_fitted_on"]["fit_on"] == "distilled_split"
   assert ml_collections.ConfigDict(read_json(os.path.join(workdir, "config.json"))).calibration.fit_on == \
       "distilled_split"
+  # also_fit_on: the same networks (the same raw numbers) with TS / MTS fitted on other data, each saying which.
+  also = results["also_fitted_on"]
+  assert sorted(also) == ["distilled_full", "held_out_real"]
+  full = also["distilled_full"]["calibration_data"]
+  assert (full["images"], full["in_training"]) == (20, True)
+  assert not also["held_out_real"]["calibration_data"]["in_training"]
+  for entry in also.values():
+    assert entry["summary"]["raw"] == results["summary"]["raw"]
+  assert [entry["fit_on"] for entry in results["manifest"]["protocol"]["also_fitted_on"]] == \
+      ["held_out_real", "distilled_full"]
 
 
 @pytest.mark.slow

@@ -92,19 +92,32 @@ def test_evaluate_a_distilled_set(distilled, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["baseline=random", "baseline=random,loss=focal,mixing=mixup,dsa=False"])
-def test_evaluate_baselines_and_train_time_calibration(tmp_path, preset):
+@pytest.mark.parametrize("preset", ["baseline=random,fit_on=held_out_real",
+                                    "baseline=random,loss=focal,mixing=mixup,dsa=False"])
+def test_evaluate_baselines_and_train_time_calibration(tmp_path, preset, smoke_evaluation):
   workdir = str(tmp_path / "eval")
   result = cli(f"--config=configs/evaluate.py:smoke,{preset}", workdir=workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   results = read_json(os.path.join(workdir, "results.json"))
   assert results["training_set"]["method"] == "random" and results["budget"]["train_examples"] == 20
+  if "fit_on=held_out_real" in preset:
+    # The shared smoke evaluation is this run with fit_on=distilled_split and also_fit_on=held_out_real+...: its
+    # held_out_real entry is this run's calibration, bit for bit, from networks it trained once.
+    also = read_json(os.path.join(smoke_evaluation, "results.json"))["also_fitted_on"]["held_out_real"]
+    for key in ("calibration_data", "summary", "per_network"):
+      assert also[key] == results[key], key
 
 
 @pytest.mark.parametrize("args, fragments", [
     (["--config=configs/evaluate.py:smoke"], ["exactly one of evaluate.source"]),
     (["--config=configs/evaluate.py:smoke", "--config.evaluate.source=/nonexistent"], ["no synthetic set"]),
     (["--config=configs/evaluate.py:smoke,baseline=herding"], ["herding needs evaluate.herding_model"]),
+    (["--config=configs/evaluate.py:smoke,baseline=random,also_fit_on=held_out_real+distilled_split"],
+     ["evaluate.also_fit_on repeats", "list each place"]),
+    (["--config=configs/evaluate.py:smoke,baseline=random,also_fit_on=held_out_real",
+      "--config.calibration.split_in_training=False"], ["different networks", "separate runs"]),
+    (["--config=configs/evaluate.py:smoke,baseline=random,also_fit_on=validation"],
+     ["evaluate.also_fit_on: 'validation' is not one of"]),
     (["--config=configs/distill.py:method=kip"], ["unknown distillation method 'kip'"]),
     (["--config=configs/distill.py:method=dc,ipc=7,budget=cpu"], ["no CPU budget"]),
 ])

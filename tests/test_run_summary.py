@@ -148,6 +148,26 @@ def test_evaluate_mean_std_and_over_calibration_share():
           "data (fit and scored on the same images)") in text.splitlines()
 
 
+def test_evaluate_rows_of_calibrators_fitted_elsewhere():
+  results = _evaluate_results()
+  results["also_fitted_on"] = {"held_out_real": {
+      "summary": {"ts": _stage_summary(accuracy={"mean": 0.8095, "std": 0.0123}, nll={"mean": 0.4, "std": 0.0},
+                                       ece={"mean": 0.012, "std": 0.003}, over_calibrated_fraction=0.2),
+                  "mts": _stage_summary(accuracy={"mean": 0.8095, "std": 0.0123}, nll={"mean": 0.41, "std": 0.0},
+                                        ece={"mean": 0.015, "std": 0.001}, over_calibrated_fraction=0.6)},
+      "calibration_data": {
+          "fit_on": "held_out_real", "images": 1000, "in_training": False,
+          "mts_ratio_selected_on": "calibration data (fit on one half per class, scored on the other)"}}}
+  text = format_results("evaluate", results, workdir=WORKDIR)
+  assert _cells(text, "TS")[-1] == "2/5 networks"  # the primary fit is unchanged
+  assert _cells(text, "TS [held_out_real]") == ["TS [held_out_real]", "80.95 ± 1.23", "0.4000 ± 0.0000",
+                                                "1.20 ± 0.30", "1/5 networks"]
+  assert _cells(text, "MTS [held_out_real]")[-1] == "3/5 networks"
+  assert ("TS / MTS [held_out_real] fitted on: held_out_real (1000 images); MTS ratio chosen on calibration data "
+          "(fit on one half per class, scored on the other)") in text.splitlines()
+  assert not any(line.startswith("raw [") for line in text.splitlines())
+
+
 def test_evaluate_missing_metric_and_share():
   results = _evaluate_results()
   del results["summary"]["raw"]["nll"], results["summary"]["ts"]["over_calibrated_fraction"]

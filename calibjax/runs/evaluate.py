@@ -20,8 +20,11 @@ the networks, as the reference's, unless `calibration.split_in_training=False`);
 whole set; "held_out_real" on held-out real images of the training split that distillation never saw
 (`evaluate.val_per_class` of them per class). The MTS ratio is chosen on the same calibration data
 (`calibjax.calibration.report`); every metric is measured on the test split. results.json records which data
-fitted the calibrators ("calibration_data"). A calibrator "over-calibrates" when it turns an over-confident
-network (mean confidence above accuracy) under-confident, as the paper's Table 1 last row.
+fitted the calibrators ("calibration_data"). `evaluate.also_fit_on` ('+'-separated fit_on options) fits TS and
+MTS again on other calibration data for the same networks, with the same keys, reported under "also_fitted_on":
+each entry equals what a run with that `fit_on` reports, without training the networks twice. A calibrator
+"over-calibrates" when it turns an over-confident network (mean confidence above accuracy) under-confident, as
+the paper's Table 1 last row.
 """
 
 import os
@@ -80,13 +83,38 @@ def train_networks(run_dir: core.Workdir, config: ml_collections.ConfigDict, *, 
                    cadence=core.Cadence.from_config(train, "epoch"), description=f"evaluate {ev.num_nets} nets")
 
 
+def calibration_sets(config: ml_collections.ConfigDict, *, splits,
+                     training_set) -> tuple[list, np.ndarray | None]:
+  """[(images, labels, described)] for `calibration.fit_on` and then each of `evaluate.also_fit_on`, and the
+  indices of the training set the networks train on (None: all of it). Every option must train the same networks,
+  which is checked here, before any training."""
+  names = [config.calibration.fit_on] + [name for name in config.evaluate.also_fit_on.split("+") if name]
+  unknown = [name for name in names[1:] if name not in build.FIT_ON]
+  if unknown:
+    raise ConfigError(f"evaluate.also_fit_on: '{unknown[0]}' is not one of {', '.join(build.FIT_ON)}; give a "
+                      "'+'-separated list of them")
+  if len(set(names)) < len(names):
+    raise ConfigError(f"evaluate.also_fit_on repeats an option or calibration.fit_on ({'+'.join(names)}); list "
+                      "each place to fit the calibrators once")
+  sets, keeps = [], []
+  for name in names:
+    cfg = ml_collections.ConfigDict(dict(config.calibration, fit_on=name))
+    images, labels, keep, described = build.calibration_data(cfg, splits=splits, training_set=training_set,
+                                                             seed=config.seed)
+    sets.append((images, labels, described))
+    keeps.append(keep)
+  if any(keep is not None for keep in keeps) and len(names) > 1:
+    raise ConfigError("calibration.split_in_training=False trains without the split images, so the fit_on options "
+                      f"{'+'.join(names)} would need different networks; evaluate them in separate runs")
+  return sets, keeps[0]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ev, train = config.evaluate, config.train
   synset, splits, described = build.training_set(config)
   splits = subsample_validation(splits, ev.val_per_class, config.seed)
   labels = np.asarray(synset.labels)
-  calibration_images, calibration_labels, train_keep, calibration = build.calibration_data(
-      config.calibration, splits=splits, training_set=(synset.images, labels), seed=config.seed)
+  fits, train_keep = calibration_sets(config, splits=splits, training_set=(synset.images, labels))
   keep = slice(None) if train_keep is None else train_keep
   images = jnp.asarray(np.asarray(synset.images)[keep], jnp.float32)
   targets = jnp.asarray(np.asarray(synset.soft_labels if synset.soft_labels is not None else labels)[keep])
@@ -100,22 +128,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   predict_fn = step_lib.make_predict_fn(net, mesh)
   calibration_keys = keys.streams(config.seed, "calibration", ev.num_nets)
-  per_network = [calibrate_and_report(
-      logits_fn=build.logits_fn(net, jax.tree.map(lambda leaf: leaf[k], states), mesh, config.eval_batch_size,
-                                predict_fn=predict_fn),
-      val_images=calibration_images, val_labels=calibration_labels, test_images=splits.test_images,
-      test_labels=splits.test_labels, cfg=config.calibration, key=calibration_keys[k],
-      plot_path=os.path.join(run_dir.plots, "reliability_net0.png") if k == 0 else None)
-      for k in range(ev.num_nets)]
-  calibration["mts_ratio_selected_on"] = per_network[0]["mts"]["ratio_selected_on"]
-  results = {"training_set": described, "calibration_data": calibration, "summary": summarize_networks(per_network),
-             "per_network": per_network}
+  per_network = [[] for _ in fits]  # per calibration set, per network
+  for k in range(ev.num_nets):
+    logits_fn = build.logits_fn(net, jax.tree.map(lambda leaf: leaf[k], states), mesh, config.eval_batch_size,
+                                predict_fn=predict_fn)
+    test_logits = logits_fn(splits.test_images)  # shared by every calibration set
+    for i, (val_images, val_labels, _) in enumerate(fits):
+      per_network[i].append(calibrate_and_report(
+          logits_fn=logits_fn, val_images=val_images, val_labels=val_labels, test_images=splits.test_images,
+          test_labels=splits.test_labels, cfg=config.calibration, key=calibration_keys[k], test_logits=test_logits,
+          plot_path=os.path.join(run_dir.plots, "reliability_net0.png") if k == 0 and i == 0 else None))
+  fitted = []
+  for (_, _, calibration), networks in zip(fits, per_network):
+    calibration["mts_ratio_selected_on"] = networks[0]["mts"]["ratio_selected_on"]
+    fitted.append({"calibration_data": calibration, "summary": summarize_networks(networks),
+                   "per_network": networks})
+  results = {"training_set": described, **fitted[0]}
+  if len(fitted) > 1:
+    results["also_fitted_on"] = {entry["calibration_data"]["fit_on"]: entry for entry in fitted[1:]}
+  calibration = fitted[0]["calibration_data"]
   budget = {"networks": ev.num_nets, "epochs": train.epochs, "lr": lr, "batch_size": batch, "train_examples": n,
-            "val_examples": len(calibration_labels), "test_examples": len(splits.test_images), "seed": config.seed,
-            "dsa": config.augment.dsa, "loss": config.loss.name, "mixing": config.augment.mixing}
+            "val_examples": len(fits[0][1]), "test_examples": len(splits.test_images),
+            "seed": config.seed, "dsa": config.augment.dsa, "loss": config.loss.name, "mixing": config.augment.mixing}
   protocol = {"training_set": described["method"], "ipc": described["ipc"], "epochs": train.epochs, "lr": lr,
               "augment": config.augment.to_dict(), "loss": config.loss.name, "calibrators_fitted_on": calibration,
+              "also_fitted_on": [entry["calibration_data"] for entry in fitted[1:]],
               "mts_selection": config.calibration.mts_selection}
   return core.finish(run_dir, results, config=config, budget=budget, protocol=protocol)
-
-

@@ -72,23 +72,30 @@ def _format_evaluate(results: dict, *, workdir: str) -> str:
   """Mean ± std over the networks of raw / TS / MTS (`calibjax.calibration.report.summarize_networks`:
   results["summary"][stage][metric]["mean"|"std"], "over_calibrated_fraction" for ts and mts), the training set
   (results["training_set"]: method, ipc, mdt), results["budget"]["networks"] and where the calibrators were
-  fitted (results["calibration_data"])."""
+  fitted (results["calibration_data"]); then TS / MTS of each entry of results["also_fitted_on"] (the same
+  networks, calibrators fitted elsewhere), labelled with its fit_on."""
   training_set = _get(results, "training_set") or {}
   networks = _get(results, "budget", "networks")
-  rows = []
-  for stage, label in STAGES:
-    summary = _get(results, "summary", stage) or {}
-    share = "" if stage == "raw" else _share(summary.get("over_calibrated_fraction"), networks)
-    rows.append((label, _mean_std(summary.get("accuracy"), percent=True), _mean_std(summary.get("nll")),
-                 _mean_std(summary.get("ece"), percent=True), share))
+  fits = [results, *(_get(results, "also_fitted_on") or {}).values()]
+  rows, fitted = [], []
+  for fit in fits:
+    calibration = _get(fit, "calibration_data") or {}
+    suffix = "" if fit is results else f" [{_text(calibration.get('fit_on'))}]"
+    for stage, label in STAGES:
+      if stage == "raw" and fit is not results:
+        continue
+      summary = _get(fit, "summary", stage) or {}
+      share = "" if stage == "raw" else _share(summary.get("over_calibrated_fraction"), networks)
+      rows.append((label + suffix, _mean_std(summary.get("accuracy"), percent=True), _mean_std(summary.get("nll")),
+                   _mean_std(summary.get("ece"), percent=True), share))
+    fitted.append(f"TS / MTS{suffix} fitted on: {_text(calibration.get('fit_on'))} "
+                  f"({_text(calibration.get('images'))} images"
+                  f"{', also training images' if calibration.get('in_training') else ''}); MTS ratio chosen on "
+                  f"{_text(calibration.get('mts_ratio_selected_on'))}")
   title = (f"evaluate: {_text(training_set.get('method'))}, ipc {_text(training_set.get('ipc'))}, "
            f"mdt {_text(training_set.get('mdt'))}; {_text(networks)} networks, mean ± std on the test split")
   header = ("", "accuracy %", "NLL", "ECE %", "over-calibrated")
-  calibration = _get(results, "calibration_data") or {}
-  fitted = (f"TS / MTS fitted on: {_text(calibration.get('fit_on'))} ({_text(calibration.get('images'))} images"
-            f"{', also training images' if calibration.get('in_training') else ''}); MTS ratio chosen on "
-            f"{_text(calibration.get('mts_ratio_selected_on'))}")
-  return "\n".join([title, _table(header, rows), fitted, *_where(workdir, "reliability_net0.png")])
+  return "\n".join([title, _table(header, rows), *fitted, *_where(workdir, "reliability_net0.png")])
 
 
 def _format_calibrate(results: dict, *, workdir: str) -> str:
