@@ -65,16 +65,20 @@ def test_bad_study_and_missing_source_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_svd_truncation_retrains_the_evaluate_protocol_and_k0_is_the_evaluation(tmp_path, smoke_evaluation):
-  workdir, results = analyze(tmp_path, "svd_truncation", f"--config.analyze.source={smoke_evaluation}",
+  # The same source twice: two curves, each retrained in its own sub-workdirs, identical.
+  workdir, results = analyze(tmp_path, "svd_truncation",
+                             f"--config.analyze.source={smoke_evaluation}+{smoke_evaluation}",
                              "--config.analyze.truncation_ks=(0,2)")
-  rows = results["truncation"]
-  assert [row["k"] for row in rows] == [0, 2] and results["networks"] == 2
+  first, second = results["sources"]
+  assert first["truncation"] == second["truncation"]
+  rows = first["truncation"]
+  assert [row["k"] for row in rows] == [0, 2] and first["networks"] == 2
   # k = 0 retrains the untouched set with the evaluate run's own protocol and keys: its networks, bit for bit.
   evaluated = read_json(os.path.join(smoke_evaluation, "results.json"))["per_network"]
   np.testing.assert_allclose(rows[0]["per_network"], [n["raw"]["accuracy"] for n in evaluated], rtol=1e-6)
   # k = 2 removes both components of every class (2 images per class): all images are zero.
   assert rows[1]["accuracy"]["mean"] <= 0.2
-  assert os.path.isdir(os.path.join(workdir, "truncated_k2", "checkpoints"))
+  assert os.path.isdir(os.path.join(workdir, "truncated_1_k2", "checkpoints"))
 
 
 @pytest.mark.slow

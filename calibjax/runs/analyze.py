@@ -14,10 +14,11 @@ except for svd_spectrum):
   * svd_spectrum (Fig. 3): the explained-variance curve (`calibjax.analysis.svd`) of each class's distilled
     images, of as many random real images of the class, and of the class's real training images (at most
     `analyze.full_class_images`), averaged over classes; `analyze.source` is a distill workdir or its .npz.
-  * svd_truncation (Fig. 5): the training set of an evaluate run (distilled, with or without MDT, or a random
+  * svd_truncation (Figs. 3, 5): the training set of an evaluate run (distilled, with or without MDT, or a random
     real baseline) with the top-k singular components of each class removed, for each k of
     `analyze.truncation_ks`, retrained with that run's own protocol and networks; test accuracy against k (each
-    k in its own resumable sub-workdir).
+    source and k in its own resumable sub-workdir). `analyze.source` may list several evaluate runs joined by
+    '+', one curve each (the paper compares distilled data, with and without MDT, against real data).
   * tsne (Figs. 4, 6): 2-D t-SNE (scikit-learn, PCA init, seeded) of every layer's features (each conv block,
     the logits) of `analyze.tsne_images` class-balanced test images, for the DDNN and the full-data network of
     `analyze.reference`, one panel per model and layer, coloured by class; the silhouette score of each layer's
@@ -55,6 +56,14 @@ def _network(config):
   return restored, logits_fn
 
 
+def _calibration_data(cal, restored):
+  """The (images, labels, described) of `calibration.fit_on` (`cal`) for the DDNN `restored`."""
+  images, labels, _, described = build.calibration_data(cal, splits=restored.splits,
+                                                        training_set=restored.training_set,
+                                                        seed=restored.config.seed)
+  return images, labels, described
+
+
 def _reference(config, restored):
   """The full-data network of `analyze.reference`, which must share the DDNN's input space."""
   reference = build.restore_run(config.analyze.reference, role="analyze.reference")
@@ -72,8 +81,7 @@ def max_logit(config, run_dir) -> dict:
     reference = _reference(config, restored)
     by_model["trained on full data"] = build.logits_fn(reference.net, reference.state, parallel.make_mesh(),
                                                        config.eval_batch_size)(splits.test_images)
-  images, _, _, described = build.calibration_data(config.calibration, splits=splits,
-                                                   training_set=restored.training_set, seed=restored.config.seed)
+  images, _, described = _calibration_data(config.calibration, restored)
   mask_key, noise_key = jax.random.split(keys.stream(config.seed, "analysis"))
   by_ratio = {"clean": logits_fn(images)}
   for ratio in cfg.mask_ratios:
@@ -97,8 +105,7 @@ def mts_ratio(config, run_dir) -> dict:
   cal = config.calibration
   restored, logits_fn = _network(config)
   splits = restored.splits
-  images, labels, _, described = build.calibration_data(cal, splits=splits, training_set=restored.training_set,
-                                                        seed=restored.config.seed)
+  images, labels, described = _calibration_data(cal, restored)
   test_logits = jnp.asarray(logits_fn(splits.test_images))
   ece = lambda t: float(metrics.ece(probs=jax.nn.softmax(test_logits / t), labels=splits.test_labels,
                                     n_bins=cal.n_bins))
@@ -119,14 +126,14 @@ def mts_ratio(config, run_dir) -> dict:
 def calibration_size(config, run_dir) -> dict:
   restored, logits_fn = _network(config)
   splits = restored.splits
+  test_logits = logits_fn(splits.test_images)
   rows = []
   for fraction in config.analyze.split_fractions:
     cal = ml_collections.ConfigDict(dict(config.calibration, fit_on="distilled_split", split_fraction=fraction))
-    images, labels, _, described = build.calibration_data(cal, splits=splits, training_set=restored.training_set,
-                                                          seed=restored.config.seed)
+    images, labels, described = _calibration_data(cal, restored)
     report = calibrate_and_report(logits_fn=logits_fn, val_images=images, val_labels=labels,
                                   test_images=splits.test_images, test_labels=splits.test_labels, cfg=cal,
-                                  key=keys.stream(config.seed, "calibration"))
+                                  key=keys.stream(config.seed, "calibration"), test_logits=test_logits)
     rows.append({"fraction": fraction, "images": described["images"], "ece_ts": report["ts"]["ece"],
                  "ece_mts": report["mts"]["ece"], "mts_ratio": report["mts"]["ratio"]})
   fractions = [100 * row["fraction"] for row in rows]
@@ -160,32 +167,36 @@ def svd_spectrum(config, run_dir) -> dict:
 
 
 def svd_truncation(config, run_dir) -> dict:
-  source = build.run_config(config.analyze.source, methods=("evaluate",), role="analyze.source")
-  synset, splits, described = build.training_set(source)
-  labels = np.asarray(synset.labels)
-  net = build.network(source.model, splits)
-  objective = evaluate.ensemble_objective(source)
-  targets = jnp.asarray(synset.soft_labels if synset.soft_labels is not None else labels)
-  predict_fn = step_lib.make_predict_fn(net, parallel.make_mesh())
-  rows = []
-  for k in config.analyze.truncation_ks:
-    images = svd.drop_top_components(np.asarray(synset.images), labels, k, num_classes=splits.num_classes)
-    # One resumable workdir per k: a killed study retrains only what it had not finished.
-    states = evaluate.train_networks(core.Workdir(os.path.join(run_dir.path, f"truncated_k{k}"), config),
-                                     source, net=net, objective=objective, images=jnp.asarray(images),
-                                     targets=targets, lr=evaluate.learning_rate(source, synset),
-                                     num_classes=splits.num_classes)
-    accuracies = [float(np.mean(build.logits_fn(
-        net, jax.tree.map(lambda leaf: leaf[n], states), parallel.make_mesh(), config.eval_batch_size,
-        predict_fn=predict_fn)(splits.test_images).argmax(-1) == splits.test_labels))
-        for n in range(source.evaluate.num_nets)]
-    rows.append({"k": k, "accuracy": _describe(accuracies), "per_network": accuracies})
-  ks = [row["k"] for row in rows]
-  plots.plot_curves(os.path.join(run_dir.plots, "svd_truncation.png"), {
-      f"{described['method']} ipc {described['ipc']}": (ks, [100 * row["accuracy"]["mean"] for row in rows])},
-      xlabel="top singular components removed per class (k)", ylabel="test accuracy %")
-  return {"truncation": rows, "training_set": described, "networks": source.evaluate.num_nets,
-          "epochs": source.train.epochs}
+  sources, curves = [], {}
+  for index, source_dir in enumerate(config.analyze.source.split("+")):
+    source = build.run_config(source_dir, methods=("evaluate",), role="analyze.source")
+    synset, splits, described = build.training_set(source)
+    labels = np.asarray(synset.labels)
+    net = build.network(source.model, splits)
+    objective = evaluate.ensemble_objective(source)
+    targets = jnp.asarray(synset.soft_labels if synset.soft_labels is not None else labels)
+    predict_fn = step_lib.make_predict_fn(net, parallel.make_mesh())
+    rows = []
+    for k in config.analyze.truncation_ks:
+      images = svd.drop_top_components(np.asarray(synset.images), labels, k, num_classes=splits.num_classes)
+      # One resumable workdir per source and k: a killed study retrains only what it had not finished.
+      states = evaluate.train_networks(
+          core.Workdir(os.path.join(run_dir.path, f"truncated_{index}_k{k}"), config), source, net=net,
+          objective=objective, images=jnp.asarray(images), targets=targets,
+          lr=evaluate.learning_rate(source, synset), num_classes=splits.num_classes)
+      accuracies = [float(np.mean(build.logits_fn(
+          net, jax.tree.map(lambda leaf: leaf[n], states), parallel.make_mesh(), config.eval_batch_size,
+          predict_fn=predict_fn)(splits.test_images).argmax(-1) == splits.test_labels))
+          for n in range(source.evaluate.num_nets)]
+      rows.append({"k": k, "accuracy": _describe(accuracies), "per_network": accuracies})
+    mdt = {"fixed": " MDT", "dynamic": " MDT^ds"}.get(described.get("mdt"), "")
+    curves[f"{described['method']}{mdt} ipc {described['ipc']}"] = (
+        [row["k"] for row in rows], [100 * row["accuracy"]["mean"] for row in rows])
+    sources.append({"source": os.path.abspath(source_dir), "training_set": described, "truncation": rows,
+                    "networks": source.evaluate.num_nets, "epochs": source.train.epochs})
+  plots.plot_curves(os.path.join(run_dir.plots, "svd_truncation.png"), curves,
+                    xlabel="top singular components removed per class (k)", ylabel="test accuracy %")
+  return {"sources": sources}
 
 
 def tsne(config, run_dir) -> dict:
@@ -230,7 +241,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "workdir or its synthetic.npz)")
   run_dir = core.Workdir(workdir, config)
   results = {"study": cfg.study, **STUDIES[cfg.study](config, run_dir)}
-  protocol = {"study": cfg.study, "source": os.path.abspath(cfg.source), "network": cfg.network,
+  protocol = {"study": cfg.study, "source": [os.path.abspath(path) for path in cfg.source.split("+")],
+              "network": cfg.network,
               "fit_on": config.calibration.fit_on, "mts_ratios": list(config.calibration.mts_ratios)}
   return core.finish(run_dir, results, config=config, budget={"seed": config.seed}, protocol=protocol)
 
