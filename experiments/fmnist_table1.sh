@@ -2,8 +2,8 @@
 # The MTS paper's Tables 1 / 5 (ECE of raw, TS, mixup, label smoothing, focal loss and MTS on networks trained on
 # distilled data) and Tables 2 / 3 (MDT, MDT + MTS, MDT^ds + MTS) on Fashion-MNIST, with TS / MTS fitted where the
 # paper fits them (calibration.fit_on=distilled_split: 10 % per class of the distilled set, at least one image,
-# also a training image) and, on the same networks, on held-out real images (evaluate.also_fit_on=held_out_real,
-# 100 per class):
+# also a training image; the MTS ratio chosen on it, and, as the MTS reference code, on the test split) and, on
+# the same networks, on held-out real images (100 per class); experiments/lib.sh DD_CALIBRATION_PROTOCOL:
 #   bash experiments/fmnist_table1.sh        # runs what is missing (every run resumes), then writes the tables
 # Sets: DC / DSA (experiments/results/fmnist_dd, configs/distill.py budget=cpu), MTT (experiments/results/fmnist_mtt,
 # evaluated with its learned lr as MTT's evaluation), DM distilled here (budget=cpu, 1000 iterations; copied to
@@ -18,13 +18,12 @@ RUNS=runs/fmnist_table1
 TABLE=experiments/results/fmnist_table1.md
 TABLE_MAKER=experiments/make_calibration_table.py
 mkdir -p "$RUNS"
-PROTOCOL=budget=cpu,fit_on=distilled_split,also_fit_on=held_out_real
 
 evaluate() {  # set name, set file, extra presets
   local name=$1 file=$2 extra=$3
   for variant in loss=ce mixing=mixup loss=label_smoothing loss=focal; do
     if [ "$name" != "${name/mdt/}" ] && [ "$variant" != loss=ce ]; then continue; fi  # MDT sets: CE only
-    main "$RUNS/${name}_${variant#*=}_eval" --config "configs/evaluate.py:$PROTOCOL,$variant$extra" \
+    main "$RUNS/${name}_${variant#*=}_eval" --config "configs/evaluate.py:$DD_CALIBRATION_PROTOCOL,$variant$extra" \
         --config.evaluate.source="$file"
     table
   done

@@ -36,12 +36,12 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def smoke_evaluation(tmp_path_factory):
   """A finished configs/evaluate.py:smoke,baseline=random run (2 networks on 2 random real digits per class,
-  calibrators on its distilled split, and also on held-out real images and the whole set): the source of the
-  calibrate-on-evaluate and analyze tests."""
+  calibrators on its distilled split, and also on held-out real images, on the whole set, and on the split with the
+  MTS ratio chosen on test): the source of the calibrate-on-evaluate and analyze tests."""
   from test_cli import cli
   workdir = str(tmp_path_factory.mktemp("evaluate") / "random_eval")
-  result = cli("--config=configs/evaluate.py:smoke,baseline=random,also_fit_on=held_out_real+distilled_full",
-               workdir=workdir)
+  result = cli("--config=configs/evaluate.py:smoke,baseline=random,"
+               "also_fit_on=held_out_real+distilled_full+distilled_split@test_reference", workdir=workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 

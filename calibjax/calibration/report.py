@@ -37,8 +37,7 @@ PROB_FLOOR = 1e-12
 
 def calibrate_and_report(*, logits_fn: LogitsFn, val_images: np.ndarray, val_labels: np.ndarray,
                          test_images: np.ndarray, test_labels: np.ndarray, cfg: ml_collections.ConfigDict,
-                         key: jax.Array, plot_path: str | None = None,
-                         test_logits: np.ndarray | None = None) -> dict:
+                         key: jax.Array, plot_path: str | None = None) -> dict:
   """Fits TS and MTS on validation data and reports test metrics raw / after TS / after MTS.
 
   Args:
@@ -48,8 +47,6 @@ def calibrate_and_report(*, logits_fn: LogitsFn, val_images: np.ndarray, val_lab
     cfg: the `calibration` config (n_bins, ts_method, mts_ratios, mts_granularity, mts_target).
     key: PRNG key of the MTS masks.
     plot_path: where to write the reliability diagrams (raw | TS | MTS), if given.
-    test_logits: `logits_fn(test_images)`, when the caller has them already (one network reported with several
-      sets of calibration data); computed here otherwise.
 
   Returns:
     {"raw"|"ts"|"mts": calibration_report dict (plus "over_calibrated" for ts/mts: the calibrator turned an
@@ -57,7 +54,7 @@ def calibrate_and_report(*, logits_fn: LogitsFn, val_images: np.ndarray, val_lab
     "mts" holds "temperature", "ratio" and "ratio_selection" (the validation score of every ratio tried).
   """
   val_logits = np.asarray(logits_fn(val_images))
-  test_logits = np.asarray(logits_fn(test_images) if test_logits is None else test_logits)
+  test_logits = np.asarray(logits_fn(test_images))
   temperature = float(posthoc.fit_temperature(logits=val_logits, labels=val_labels, method=cfg.ts_method))
 
   # The final T is refitted on all calibration data at the chosen ratio, as the reference refits after its sweep.
@@ -91,6 +88,14 @@ def calibrate_and_report(*, logits_fn: LogitsFn, val_images: np.ndarray, val_lab
 
 
 MTS_SELECTIONS = ("calibration_data", "test_reference")
+
+
+def reusing_logits(logits_fn: LogitsFn, images: np.ndarray) -> LogitsFn:
+  """`logits_fn` that computes the logits of the array `images` once and returns them again whenever it is called
+  with that same array object (one network reported with several sets of calibration data, or with the ratio
+  chosen on test, evaluates its test split once); any other input is passed through."""
+  known = np.asarray(logits_fn(images))
+  return lambda x: known if x is images else logits_fn(x)
 
 
 def _mts_selection_data(mode: str, *, val_images, val_labels, test_images, test_labels):

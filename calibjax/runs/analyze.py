@@ -35,7 +35,7 @@ import numpy as np
 from calibjax import build, keys, parallel
 from calibjax.analysis import ood, svd
 from calibjax.calibration import metrics, plots, posthoc
-from calibjax.calibration.report import calibrate_and_report
+from calibjax.calibration.report import calibrate_and_report, reusing_logits
 from calibjax.data.sampling import class_balanced_indices
 from calibjax.errors import ConfigError
 from calibjax.masks import mask_inputs
@@ -126,14 +126,14 @@ def mts_ratio(config, run_dir) -> dict:
 def calibration_size(config, run_dir) -> dict:
   restored, logits_fn = _network(config)
   splits = restored.splits
-  test_logits = logits_fn(splits.test_images)
+  logits_fn = reusing_logits(logits_fn, splits.test_images)
   rows = []
   for fraction in config.analyze.split_fractions:
     cal = ml_collections.ConfigDict(dict(config.calibration, fit_on="distilled_split", split_fraction=fraction))
     images, labels, described = _calibration_data(cal, restored)
     report = calibrate_and_report(logits_fn=logits_fn, val_images=images, val_labels=labels,
                                   test_images=splits.test_images, test_labels=splits.test_labels, cfg=cal,
-                                  key=keys.stream(config.seed, "calibration"), test_logits=test_logits)
+                                  key=keys.stream(config.seed, "calibration"))
     rows.append({"fraction": fraction, "images": described["images"], "ece_ts": report["ts"]["ece"],
                  "ece_mts": report["mts"]["ece"], "mts_ratio": report["mts"]["ratio"]})
   fractions = [100 * row["fraction"] for row in rows]

@@ -22,7 +22,9 @@ whole set; "held_out_real" on held-out real images of the training split that di
 (`calibjax.calibration.report`); every metric is measured on the test split. results.json records which data
 fitted the calibrators ("calibration_data"). `evaluate.also_fit_on` ('+'-separated fit_on options) fits TS and
 MTS again on other calibration data for the same networks, with the same keys, reported under "also_fitted_on":
-each entry equals what a run with that `fit_on` reports, without training the networks twice. A calibrator
+each entry equals what a run with that `fit_on` reports, without training the networks twice; an entry
+`<fit_on>@test_reference` chooses the MTS ratio on the test split as the MTS reference code does (a reproduction
+mode, recorded as such). A calibrator
 "over-calibrates" when it turns an over-confident network (mean confidence above accuracy) under-confident, as
 the paper's Table 1 last row.
 """
@@ -35,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from calibjax import build, keys, parallel
-from calibjax.calibration.report import calibrate_and_report, summarize_networks
+from calibjax.calibration.report import MTS_SELECTIONS, calibrate_and_report, reusing_logits, summarize_networks
 from calibjax.data.augment import make_batch_transform
 from calibjax.data.prepare import subsample_validation
 from calibjax.distill.synthetic import SyntheticSet
@@ -85,23 +87,31 @@ def train_networks(run_dir: core.Workdir, config: ml_collections.ConfigDict, *, 
 
 def calibration_sets(config: ml_collections.ConfigDict, *, splits,
                      training_set) -> tuple[list, np.ndarray | None]:
-  """[(images, labels, described)] for `calibration.fit_on` and then each of `evaluate.also_fit_on`, and the
-  indices of the training set the networks train on (None: all of it). Every option must train the same networks,
-  which is checked here, before any training."""
-  names = [config.calibration.fit_on] + [name for name in config.evaluate.also_fit_on.split("+") if name]
-  unknown = [name for name in names[1:] if name not in build.FIT_ON]
-  if unknown:
-    raise ConfigError(f"evaluate.also_fit_on: '{unknown[0]}' is not one of {', '.join(build.FIT_ON)}; give a "
-                      "'+'-separated list of them")
+  """[(calibration config, images, labels, described)] for `calibration.fit_on` and then each entry of
+  `evaluate.also_fit_on`, and the indices of the training set the networks train on (None: all of it).
+
+  An entry is a fit_on option, or `<fit_on>@<mts_selection>` to choose the MTS ratio elsewhere than
+  `calibration.mts_selection` says (`distilled_split@test_reference`: the MTS reference code's choice on test).
+  Every entry must train the same networks, which is checked here, before any training."""
+  entries = [name for name in config.evaluate.also_fit_on.split("+") if name]
+  names = [config.calibration.fit_on] + entries
+  for entry in entries:
+    fit_on, _, selection = entry.partition("@")
+    if fit_on not in build.FIT_ON or (selection and selection not in MTS_SELECTIONS):
+      raise ConfigError(f"evaluate.also_fit_on: '{entry}' is not one of {', '.join(build.FIT_ON)}, optionally "
+                        f"followed by @ and one of {', '.join(MTS_SELECTIONS)}; give a '+'-separated list of them")
   if len(set(names)) < len(names):
     raise ConfigError(f"evaluate.also_fit_on repeats an option or calibration.fit_on ({'+'.join(names)}); list "
                       "each place to fit the calibrators once")
   sets, keeps = [], []
   for name in names:
-    cfg = ml_collections.ConfigDict(dict(config.calibration, fit_on=name))
+    fit_on, _, selection = name.partition("@")
+    cfg = ml_collections.ConfigDict(dict(config.calibration, fit_on=fit_on,
+                                         mts_selection=selection or config.calibration.mts_selection))
     images, labels, keep, described = build.calibration_data(cfg, splits=splits, training_set=training_set,
                                                              seed=config.seed)
-    sets.append((images, labels, described))
+    described["mts_selection"] = cfg.mts_selection
+    sets.append((name, cfg, images, labels, described))
     keeps.append(keep)
   if any(keep is not None for keep in keeps) and len(names) > 1:
     raise ConfigError("calibration.split_in_training=False trains without the split images, so the fit_on options "
@@ -130,28 +140,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   calibration_keys = keys.streams(config.seed, "calibration", ev.num_nets)
   per_network = [[] for _ in fits]  # per calibration set, per network
   for k in range(ev.num_nets):
-    logits_fn = build.logits_fn(net, jax.tree.map(lambda leaf: leaf[k], states), mesh, config.eval_batch_size,
-                                predict_fn=predict_fn)
-    test_logits = logits_fn(splits.test_images)  # shared by every calibration set
-    for i, (val_images, val_labels, _) in enumerate(fits):
+    logits_fn = reusing_logits(  # the test split is evaluated once for every set of calibration data
+        build.logits_fn(net, jax.tree.map(lambda leaf: leaf[k], states), mesh, config.eval_batch_size,
+                        predict_fn=predict_fn), splits.test_images)
+    for i, (_, cfg, val_images, val_labels, _) in enumerate(fits):
       per_network[i].append(calibrate_and_report(
           logits_fn=logits_fn, val_images=val_images, val_labels=val_labels, test_images=splits.test_images,
-          test_labels=splits.test_labels, cfg=config.calibration, key=calibration_keys[k], test_logits=test_logits,
+          test_labels=splits.test_labels, cfg=cfg, key=calibration_keys[k],
           plot_path=os.path.join(run_dir.plots, "reliability_net0.png") if k == 0 and i == 0 else None))
-  fitted = []
-  for (_, _, calibration), networks in zip(fits, per_network):
+  fitted = {}
+  for (name, _, _, _, calibration), networks in zip(fits, per_network):
     calibration["mts_ratio_selected_on"] = networks[0]["mts"]["ratio_selected_on"]
-    fitted.append({"calibration_data": calibration, "summary": summarize_networks(networks),
-                   "per_network": networks})
-  results = {"training_set": described, **fitted[0]}
-  if len(fitted) > 1:
-    results["also_fitted_on"] = {entry["calibration_data"]["fit_on"]: entry for entry in fitted[1:]}
-  calibration = fitted[0]["calibration_data"]
+    fitted[name] = {"calibration_data": calibration, "summary": summarize_networks(networks),
+                    "per_network": networks}
+  primary, *others = fitted
+  results = {"training_set": described, **fitted[primary]}
+  if others:
+    results["also_fitted_on"] = {name: fitted[name] for name in others}
+  calibration = fitted[primary]["calibration_data"]
   budget = {"networks": ev.num_nets, "epochs": train.epochs, "lr": lr, "batch_size": batch, "train_examples": n,
-            "val_examples": len(fits[0][1]), "test_examples": len(splits.test_images),
+            "val_examples": len(fits[0][3]), "test_examples": len(splits.test_images),
             "seed": config.seed, "dsa": config.augment.dsa, "loss": config.loss.name, "mixing": config.augment.mixing}
   protocol = {"training_set": described["method"], "ipc": described["ipc"], "epochs": train.epochs, "lr": lr,
               "augment": config.augment.to_dict(), "loss": config.loss.name, "calibrators_fitted_on": calibration,
-              "also_fitted_on": [entry["calibration_data"] for entry in fitted[1:]],
+              "also_fitted_on": [fitted[name]["calibration_data"] for name in others],
               "mts_selection": config.calibration.mts_selection}
   return core.finish(run_dir, results, config=config, budget=budget, protocol=protocol)

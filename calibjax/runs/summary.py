@@ -73,14 +73,14 @@ def _format_evaluate(results: dict, *, workdir: str) -> str:
   results["summary"][stage][metric]["mean"|"std"], "over_calibrated_fraction" for ts and mts), the training set
   (results["training_set"]: method, ipc, mdt), results["budget"]["networks"] and where the calibrators were
   fitted (results["calibration_data"]); then TS / MTS of each entry of results["also_fitted_on"] (the same
-  networks, calibrators fitted elsewhere), labelled with its fit_on."""
+  networks, calibrators fitted elsewhere), labelled with its name (fit_on[@mts_selection])."""
   training_set = _get(results, "training_set") or {}
   networks = _get(results, "budget", "networks")
-  fits = [results, *(_get(results, "also_fitted_on") or {}).values()]
+  fits = [("", results), *(_get(results, "also_fitted_on") or {}).items()]
   rows, fitted = [], []
-  for fit in fits:
+  for name, fit in fits:
     calibration = _get(fit, "calibration_data") or {}
-    suffix = "" if fit is results else f" [{_text(calibration.get('fit_on'))}]"
+    suffix = f" [{name}]" if name else ""
     for stage, label in STAGES:
       if stage == "raw" and fit is not results:
         continue
