@@ -20,9 +20,9 @@ mkdir -p "$RUNS" "$OUT"
 
 # The CE evaluation of a set, as experiments/fmnist_table1.sh runs it.
 ce_evaluation() {  # set name (dsa_ipc10, ...)
-  local dir=experiments/results/fmnist_dd extra=""
-  [ "${1%%_*}" = mtt ] && dir=experiments/results/fmnist_mtt extra=",learned_lr=True"
-  main "$TABLES/${1}_ce_eval" --config "configs/evaluate.py:$DD_CALIBRATION_PROTOCOL,loss=ce$extra" \
+  local dir=experiments/results/fmnist_dd
+  [ "${1%%_*}" = mtt ] && dir=experiments/results/fmnist_mtt
+  main "$TABLES/${1}_ce_eval" --config "configs/evaluate.py:$DD_CALIBRATION_PROTOCOL,loss=ce" \
       --config.evaluate.source="$dir/$1.npz"
 }
 
