@@ -62,6 +62,15 @@ def objective(loss_cfg: ml_collections.ConfigDict):
   return step_lib.Objective(fn, state=losses.adafocal_init()), losses.adafocal_update
 
 
+def steps_per_epoch(train: ml_collections.ConfigDict, num_images: int) -> int:
+  """Optimiser steps per epoch of `train.batch_size` batches over `num_images` (the last partial batch dropped);
+  a batch larger than the data is refused as soon as the data is known."""
+  if train.batch_size > num_images:
+    raise ConfigError(f"train.batch_size {train.batch_size} is larger than the {num_images} training images; lower "
+                      "--config.train.batch_size or train on more images")
+  return num_images // train.batch_size
+
+
 def logits_fn(net: models.Network, state: step_lib.TrainState, mesh, batch_size: int, *, predict_fn=None):
   """`images (host) -> logits (host)` of a trained network in inference mode; pass the `predict_fn` of
   `step.make_predict_fn` to reuse one compiled function across networks of the same architecture."""

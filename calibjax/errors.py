@@ -26,3 +26,7 @@ class CheckpointError(CalibjaxError):
 
 class ConfigError(CalibjaxError, ValueError):
   """A config value is invalid."""
+
+
+class DivergenceError(CalibjaxError):
+  """Training produced a non-finite loss; the run stopped before saving that state."""

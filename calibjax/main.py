@@ -13,9 +13,9 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from calibjax import config_lib, parallel
+from calibjax import config_check, config_lib, parallel
 from calibjax.errors import CalibjaxError, UnknownNameError
-from calibjax.runs import summary
+from calibjax.runs import core, summary
 
 # Method name -> "module:function", imported on use so one method's dependencies do not slow the others.
 METHODS = {
@@ -44,9 +44,11 @@ def resolve_method(name: str):
 
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 brings it back
+    # orbax logs every save at INFO and tfds warns about unprepared folders it skips: an error is one line on
+    # stderr unless -v asks for more
+    logging.set_verbosity(logging.ERROR)
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}; every option is a flag, e.g. --config.train.epochs=5")
   try:
     config = _CONFIG.value
     config.method  # the config file is loaded lazily: a missing or broken file raises here
@@ -56,18 +58,28 @@ def main(argv):
     _fail(_config_error_line(str(error)))
   try:
     config_lib.check_blocks(config)
+    config_check.check_values(config)
+    core.check_workdir_path(_WORKDIR.value)
     parallel.maybe_initialize_distributed(config.distributed)
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     results = resolve_method(config.method)(config, _WORKDIR.value)
   except CalibjaxError as error:
     _fail(str(error))
+  except KeyboardInterrupt:
+    _fail("interrupted; the same command resumes the run from its last checkpoint", status=130)
   if not _QUIET.value and jax.process_index() == 0:
     print(summary.format_results(config.method, results, workdir=os.path.abspath(_WORKDIR.value)))
 
 
-def _fail(message: str):
+def _fail(message: str, status: int = 2):
+  """Prints `message` as one line and ends the process at once: the interpreter's shutdown would otherwise let
+  the checkpointer's background threads print tracebacks after a failed restore. Workdir locks are released
+  first (every checkpoint save has finished before a user error is raised)."""
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  core.WorkdirLock.release_all()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
 
 
 def _parse_flags(argv):
@@ -76,6 +88,8 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except CalibjaxError as error:  # raised by a config file's get_config (an unknown loss, say)
     _fail(str(error))
+  except SyntaxError as error:
+    _fail(f"cannot load the config file {error.filename}: {error.msg} at line {error.lineno}")
   except flags.UnrecognizedFlagError as error:
     name = str(error).split("'")[1] if "'" in str(error) else str(error)
     _fail(f"unknown option --{name}: the config has no such key (its keys are defined in the config file)")
@@ -85,6 +99,8 @@ def _parse_flags(argv):
     cause = error.args[0] if error.args else error  # ml_collections wraps the KeyError, whose str is a repr
     text = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
     key, _, hint = str(text).partition("\n")
+    if "get_config" in key:
+      _fail("the config file defines no get_config(arg=None) function returning its ConfigDict; see configs/")
     _fail(f"unknown config key {key} on the command line{'; ' + hint if hint else ''} (the config file "
           f"defines its keys)")
 

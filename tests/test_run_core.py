@@ -1,6 +1,7 @@
 """The run core (calibjax.runs.core), the named key streams, the config blocks and the checkpoint items."""
 
 import importlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from calibjax import config_lib, keys
-from calibjax.errors import ConfigError
+from calibjax.errors import ConfigError, DivergenceError
 from calibjax.runs import core
 from calibjax.train.checkpoint import Checkpointer
 
@@ -46,6 +47,47 @@ def test_loop_resumes_from_the_last_checkpoint_and_truncates_the_log(tmp_path):
   assert float(resumed["x"]) == float(whole["x"]) == 10.0
   assert resumed_dir.records() == core.Workdir(str(tmp_path / "a"), config).records()
   assert [r["iteration"] for r in resumed_dir.records()] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_a_log_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path, checkpointed):
+  """Killed between a checkpoint and the next unit's log line, mid-write: the resumed run's log is valid JSON and
+  equals an uninterrupted run's (also when the kill came before the first checkpoint)."""
+  config = ml_collections.ConfigDict({"method": "test", "seed": 0})
+  cadence = core.Cadence("iteration", log_every=1, checkpoint_every=2)
+
+  def body(state, index, tick):
+    return {"x": state["x"] + index}, lambda: {"x": float(state["x"] + index)}
+
+  start = {"x": jnp.zeros(())}
+  whole = core.Workdir(str(tmp_path / "whole"), config)
+  core.loop(whole, start, body, total=4, cadence=cadence, description="test")
+  killed = core.Workdir(str(tmp_path / "killed"), config)
+  if checkpointed:
+    core.loop(killed, start, body, total=2, cadence=cadence, description="test")
+  with open(killed.metrics_path, "a") as f:
+    f.write('{"iteration": 3, "x": 3.')  # the kill came mid-line
+  core.loop(killed, start, body, total=4, cadence=cadence, description="test")
+  assert killed.records() == whole.records()
+  with open(killed.metrics_path) as f:
+    assert [json.loads(line)["iteration"] for line in f] == [1, 2, 3, 4]
+
+
+def test_log_records_are_json_and_a_non_finite_loss_stops_the_loop(tmp_path):
+  config = ml_collections.ConfigDict({"method": "test", "seed": 0})
+  workdir = core.Workdir(str(tmp_path / "run"), config)
+
+  def body(state, index, tick):
+    loss = float("nan") if index == 2 else 1.0
+    return state, lambda: {"loss": loss, "accuracy": float("inf")}
+
+  with pytest.raises(DivergenceError, match=r"diverged at iteration 3 \(loss = nan\); the last good checkpoint "
+                                            r"\(iteration 2\) is kept"):
+    core.loop(workdir, {"x": jnp.zeros(())}, body, total=5, cadence=core.Cadence("iteration", 1, 2),
+              description="test")
+  assert workdir.checkpoints.latest_step() == 2
+  with open(workdir.metrics_path) as f:  # non-finite values that are not losses are written as null
+    assert [json.loads(line) for line in f] == [{"iteration": i, "loss": 1.0, "accuracy": None} for i in (1, 2)]
 
 
 def test_key_streams_are_distinct_and_fixed():

@@ -7,7 +7,8 @@ Each dataset lists its sources; they are tried in this order and the first that 
    `train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`, `t10k-images-idx3-ubyte[.gz]` and
    `t10k-labels-idx1-ubyte[.gz]`. Directories, in order: when `data_dir` is given, `data_dir/<name>`,
    `data_dir/<name with '-'>` and `data_dir` itself; otherwise `$CALIBJAX_FASHION_MNIST_DIR` (resp.
-   `$CALIBJAX_MNIST_DIR`), `$CALIBJAX_DATA_DIR/<name>` (and the hyphenated name), then the system directory
+   `$CALIBJAX_MNIST_DIR`) alone when it is set (a named directory without the files is an error, not a reason
+   to read another copy), else `$CALIBJAX_DATA_DIR/<name>` (and the hyphenated name), then the system directory
    `/usr/share/datasets/fashion-mnist` (Debian package `dataset-fashion-mnist`) resp.
    `/usr/share/datasets/mnist`.
 2. **CIFAR python pickles** -- `cifar10`, `cifar100`: the official tarballs extracted, i.e.
@@ -39,6 +40,7 @@ import gzip
 import importlib.util
 import os
 import pickle
+import zlib
 from collections.abc import Hashable
 from typing import Protocol
 
@@ -151,8 +153,11 @@ def read_idx(path: str) -> np.ndarray:
     images); single-byte data are a read-only view of the file's bytes.
   """
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+    raise DatasetNotFoundError(f"{path} cannot be read ({error}); replace it with the original file") from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
     raise DatasetNotFoundError(
         f"{path} is not an IDX file (bad magic number); replace it with the original file")
@@ -194,9 +199,9 @@ class IdxFiles:
     if data_dir is not None:
       return _unique_dirs([(os.path.join(data_dir, n), "data_dir") for n in names]
                             + [(data_dir, "data_dir")])
+    if os.environ.get(self.env_var):  # the user named the directory: no fallback to another copy
+      return [(os.environ[self.env_var], f"${self.env_var}")]
     candidates = []
-    if os.environ.get(self.env_var):
-      candidates.append((os.environ[self.env_var], f"${self.env_var}"))
     if os.environ.get("CALIBJAX_DATA_DIR"):
       candidates += [(os.path.join(os.environ["CALIBJAX_DATA_DIR"], n), "$CALIBJAX_DATA_DIR") for n in names]
     candidates.append((self.system_dir, "system directory"))

@@ -12,6 +12,7 @@ over.
 import json
 import os
 import tempfile
+import zipfile
 from typing import Any, NamedTuple
 
 import jax
@@ -149,7 +150,12 @@ def load_npz(path: str) -> tuple[SyntheticSet, str, dict[str, dict[str, Any]]]:
   Raises:
     CheckpointError: the file is missing a required entry (not written by `export_npz`).
   """
-  with np.load(path, allow_pickle=False) as archive:
+  try:
+    archive = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    raise CheckpointError(f"{path} cannot be read as a synthetic-set .npz ({str(error).splitlines()[0][:120]}); "
+                          "point at the synthetic.npz a distill run wrote") from None
+  with archive:
     missing = {"images", "labels", "log_lr", "config_json", "transform_order"} - set(archive.files)
     if missing:
       raise CheckpointError(f"{path} is not a synthetic-set export (missing {sorted(missing)}); write it "

@@ -47,7 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   net = build.network(config.model, splits)
   matching.require_stateless(net)  # MTT differentiates apply as a pure function of the parameters
-  steps_per_epoch = len(splits.train_images) // config.train.batch_size
+  steps_per_epoch = build.steps_per_epoch(config.train, len(splits.train_images))
   tx = build.optimizer(config.train, steps_per_epoch=steps_per_epoch)
   batch_transform = make_batch_transform(config.augment, num_classes=splits.num_classes)
   predict_fn = step_lib.make_predict_fn(net, mesh)

@@ -14,7 +14,6 @@ import optax
 from calibjax import keys, parallel
 from calibjax.data.prepare import Splits
 from calibjax.data.sampling import batch_indices
-from calibjax.errors import ConfigError
 from calibjax.models import Network
 from calibjax.runs import core
 from calibjax.train import step as step_lib
@@ -68,9 +67,7 @@ def fit(workdir: core.Workdir, *, net: Network, objective: step_lib.Objective, t
 
   Batches carry "index" ((B,) int32, positions in `images`) when the objective uses it.
   """
-  parallel.check_batch_size(batch_size, mesh)
-  if len(images) < batch_size:
-    raise ConfigError(f"{len(images)} training images are fewer than one batch of {batch_size}")
+  parallel.check_batch_size(batch_size, mesh)  # the data's size: `build.steps_per_epoch`, before the optimiser
   state = initial_state(net, tx, seed=seed, mesh=mesh, objective=objective)
   steps_key = keys.stream(seed, "steps")
   train_step = step_lib.jit_train_step(step_lib.make_train_step(net, objective, tx, batch_transform=batch_transform),

@@ -61,7 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                                                   seed=config.seed)
   mesh = parallel.make_mesh()
   net = build.network(config.model, splits)
-  tx = build.optimizer(config.train, steps_per_epoch=len(splits.train_images) // config.train.batch_size)
+  tx = build.optimizer(config.train, steps_per_epoch=build.steps_per_epoch(config.train, len(splits.train_images)))
   run_dir = core.Workdir(workdir, config)
   uses_features = kd_objective.KD_LOSSES.get(kd.loss).relation is not None
   teacher_apply = kd_objective.make_teacher_apply(

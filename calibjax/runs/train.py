@@ -24,7 +24,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   net = build.network(config.model, splits)
   objective, update = build.objective(config.loss)
-  tx = build.optimizer(config.train, steps_per_epoch=len(splits.train_images) // config.train.batch_size)
+  tx = build.optimizer(config.train, steps_per_epoch=build.steps_per_epoch(config.train, len(splits.train_images)))
   if update is not None and not config.train.validate_each_epoch:
     raise ConfigError(f"loss {config.loss.name} updates its state from validation logits after every epoch; "
                       "keep --config.train.validate_each_epoch=True")

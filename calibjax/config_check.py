@@ -1,0 +1,152 @@
+"""Every numeric config value's allowed range, and the names that can be known before a run starts, checked in
+one place when the command line is parsed (`check_values`, called by `calibjax.main` before any data is loaded).
+
+A rule is keyed by a dotted config path; cadences (`log_every_epochs`, `checkpoint_every_iterations`, ...) are
+matched by their name in any block. A value outside its rule fails with one line naming the key, the value and
+what is allowed. Every float anywhere in a config must also be finite. Values that depend on the data (a batch
+larger than the training split) are checked as soon as the data is loaded (`calibjax.build.check_batch_size`).
+"""
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import ml_collections
+
+from calibjax.errors import ConfigError
+
+
+class Rule(NamedTuple):
+  allowed: str  # what the error message says is allowed
+  holds: Callable[[Any], bool]
+
+
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+POSITIVE_INT = Rule("a positive integer", lambda v: _int(v) and v >= 1)
+NON_NEGATIVE_INT = Rule("an integer ≥ 0", lambda v: _int(v) and v >= 0)
+POSITIVE = Rule("a number > 0", lambda v: _number(v) and v > 0)
+NON_NEGATIVE = Rule("a number ≥ 0", lambda v: _number(v) and v >= 0)
+UNIT_OPEN = Rule("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1)
+UNIT_CLOSED = Rule("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1)
+FRACTION = Rule("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1)
+
+
+def each(rule: Rule, *, non_empty: bool = True) -> Rule:
+  """A rule for a tuple whose every entry obeys `rule`."""
+  return Rule(f"a {'non-empty ' if non_empty else ''}tuple whose every entry is {rule.allowed}",
+              lambda v: isinstance(v, (tuple, list)) and (len(v) > 0 or not non_empty)
+              and all(rule.holds(x) for x in v))
+
+
+def one_of(*names: str) -> Rule:
+  return Rule(f"one of {', '.join(repr(n) for n in names)}", lambda v: v in names)
+
+
+def _dataset_or_empty() -> Rule:
+  from calibjax.data.sources import DATASETS  # Imported here: the registry loads the data modules.
+  names = tuple(DATASETS.names())
+  return Rule(f"'' (none) or a dataset: {', '.join(names)}", lambda v: v == "" or v in names)
+
+
+def _ts_method() -> Rule:
+  from calibjax.calibration.posthoc.temperature import TS_METHODS
+  return one_of(*TS_METHODS)
+
+
+RULES: dict[str, Rule | Callable[[], Rule]] = {
+    "seed": NON_NEGATIVE_INT,
+    "eval_batch_size": POSITIVE_INT,
+    "data.train_per_class": NON_NEGATIVE_INT,
+    "data.val_per_class": NON_NEGATIVE_INT,
+    "data.zca_eps": POSITIVE,
+    "model.width": POSITIVE_INT,
+    "model.depth": POSITIVE_INT,
+    "train.epochs": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.lr": POSITIVE,
+    "train.momentum": UNIT_OPEN,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.milestones": each(POSITIVE_INT, non_empty=False),
+    "augment.mixup_alpha": POSITIVE,
+    "augment.cutmix_alpha": POSITIVE,
+    "augment.cutmix_prob": UNIT_CLOSED,
+    "augment.cutout_size": FRACTION,
+    "calibration.n_bins": POSITIVE_INT,
+    "calibration.mts_ratios": each(Rule("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1)),
+    "calibration.split_fraction": FRACTION,
+    "calibration.ts_method": _ts_method,
+    "calibration.fit_on": one_of("held_out_real", "distilled_split", "distilled_full"),
+    "calibration.mts_selection": one_of("calibration_data", "test_reference"),
+    "calibration.mts_target": one_of("input", "logit"),
+    "calibration.mts_granularity": one_of("element", "pixel"),
+    "evaluate.num_nets": POSITIVE_INT,
+    "evaluate.ipc": POSITIVE_INT,
+    "evaluate.val_per_class": NON_NEGATIVE_INT,
+    "distill.ipc": POSITIVE_INT,
+    "distill.iterations": POSITIVE_INT,
+    "distill.batch_real": POSITIVE_INT,
+    "distill.batch_train": POSITIVE_INT,
+    "distill.lr_img": POSITIVE,
+    "distill.lr_net": POSITIVE,
+    "distill.momentum": UNIT_OPEN,
+    "distill.mdt_ratio": UNIT_OPEN,
+    "distill.outer_loop": NON_NEGATIVE_INT,
+    "distill.inner_loop": NON_NEGATIVE_INT,
+    "distill.class_chunk": NON_NEGATIVE_INT,
+    "distill.mtt.syn_steps": POSITIVE_INT,
+    "distill.mtt.expert_epochs": POSITIVE_INT,
+    "distill.mtt.max_start_epoch": POSITIVE_INT,
+    "distill.mtt.lr_lr": NON_NEGATIVE,
+    "distill.mtt.lr_teacher": POSITIVE,
+    "distill.mtt.batch_syn": NON_NEGATIVE_INT,
+    "distill.mtt.max_experts": NON_NEGATIVE_INT,
+    "buffer.experts": POSITIVE_INT,
+    "kd.temperature": POSITIVE,
+    "kd.alpha": UNIT_CLOSED,
+    "calibrate.network": NON_NEGATIVE_INT,
+    "calibrate.ood_noise_sigmas": each(NON_NEGATIVE, non_empty=False),
+    "calibrate.ood_dataset": _dataset_or_empty,
+    "analyze.network": NON_NEGATIVE_INT,
+    "analyze.mask_ratios": each(UNIT_OPEN),
+    "analyze.ood_noise_sigmas": each(NON_NEGATIVE, non_empty=False),
+    "analyze.ood_dataset": _dataset_or_empty,
+    "analyze.split_fractions": each(FRACTION),
+    "analyze.full_class_images": POSITIVE_INT,
+    "analyze.truncation_ks": each(NON_NEGATIVE_INT),
+    "analyze.tsne_images": Rule("an integer ≥ 4", lambda v: _int(v) and v >= 4),
+}
+# Cadences (`log_every_epochs`, `checkpoint_every_iterations`, ...) in any block.
+CADENCE_PREFIXES = ("log_every_", "checkpoint_every_")
+
+
+def _rule(path: str) -> Rule | None:
+  rule = RULES.get(path)
+  if rule is None and path.rsplit(".", 1)[-1].startswith(CADENCE_PREFIXES):
+    rule = POSITIVE_INT
+  return rule() if callable(rule) and not isinstance(rule, Rule) else rule
+
+
+def _leaves(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      yield from _leaves(value, path + ".")
+    else:
+      yield path, value
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` (one line) for the first value outside its rule, or any non-finite float."""
+  for path, value in _leaves(config):
+    floats = value if isinstance(value, (tuple, list)) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in floats):
+      raise ConfigError(f"{path} = {value!r} is not finite; give a finite number")
+    rule = _rule(path)
+    if rule is not None and not rule.holds(value):
+      raise ConfigError(f"{path} = {value!r} is not allowed: it must be {rule.allowed}")
