@@ -55,12 +55,12 @@ def read_metrics(workdir):
 
 
 def assert_one_line_error(result, *fragments):
-  assert result.returncode == 2, result.stderr[-2000:]
-  lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-  assert len(lines) == 1, result.stderr[-2000:]
+  """Exit status 2 and stderr exactly one line, "error: ..." containing every fragment."""
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+  assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
   for fragment in fragments:
     assert fragment in lines[0], lines[0]
-  assert "Traceback" not in result.stderr
 
 
 def check_smoke_run(workdir):
