@@ -10,6 +10,7 @@
 #   DSA, MTT IPC 10; Fig. 9 (calibration_size): DSA and MTT IPC 10 (N = 10 ... 50 % of 10 images per class);
 #   Fig. 3 (svd_spectrum): the DSA, DSA + MDT and MTT IPC 10 sets; Fig. 5 (svd_truncation): DSA, DSA + MDT and a
 #   random real baseline at IPC 10, k = 0 ... 3 of 10 components per class removed.
+# Variable PARTS (default "ipc1 ipc10"): the IPC 1 studies (max_logit, tsne, mts_ratio) and the IPC 10 ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
@@ -33,29 +34,36 @@ study() {  # study, set name, flags...
   cp "$RUNS/${study}_$set/results.json" "$OUT/${study}_$set.json"
 }
 
-main "$RUNS/full_data" --config configs/train.py:train_per_class=1000,epochs=4
-for set in mtt_ipc1 dsa_ipc1; do
-  ce_evaluation $set
-  study max_logit $set --config.analyze.source="$TABLES/${set}_ce_eval" --config.analyze.reference="$RUNS/full_data" \
-      --config.analyze.ood_dataset=digits
-  study tsne $set --config.analyze.source="$TABLES/${set}_ce_eval" --config.analyze.reference="$RUNS/full_data"
-done
-for set in dc_ipc1 dsa_ipc1 mtt_ipc1 dm_ipc1; do
-  if [ -f "$TABLES/${set}_ce_eval/results.json" ] || [ $set != dm_ipc1 ]; then
+ipc1() {
+  main "$RUNS/full_data" --config configs/train.py:train_per_class=1000,epochs=4
+  for set in mtt_ipc1 dsa_ipc1; do
+    ce_evaluation $set
+    study max_logit $set --config.analyze.source="$TABLES/${set}_ce_eval" --config.analyze.reference="$RUNS/full_data" \
+        --config.analyze.ood_dataset=digits
+    study tsne $set --config.analyze.source="$TABLES/${set}_ce_eval" --config.analyze.reference="$RUNS/full_data"
+  done
+  for set in dc_ipc1 dsa_ipc1 mtt_ipc1 dm_ipc1; do
+    if [ -f "$TABLES/${set}_ce_eval/results.json" ] || [ $set != dm_ipc1 ]; then
+      ce_evaluation $set
+      study mts_ratio $set --config.analyze.source="$TABLES/${set}_ce_eval"
+    fi
+  done
+}
+
+ipc10() {
+  for set in dsa_ipc10 dsa_mdt_ipc10 mtt_ipc10; do
+    dir=experiments/results/fmnist_dd; [ "${set%%_*}" = mtt ] && dir=experiments/results/fmnist_mtt
+    study svd_spectrum $set --config.analyze.source="$dir/$set.npz"
+  done
+  for set in dsa_ipc10 mtt_ipc10; do
     ce_evaluation $set
     study mts_ratio $set --config.analyze.source="$TABLES/${set}_ce_eval"
-  fi
-done
-for set in dsa_ipc10 dsa_mdt_ipc10 mtt_ipc10; do
-  dir=experiments/results/fmnist_dd; [ "${set%%_*}" = mtt ] && dir=experiments/results/fmnist_mtt
-  study svd_spectrum $set --config.analyze.source="$dir/$set.npz"
-done
-for set in dsa_ipc10 mtt_ipc10; do
-  ce_evaluation $set
-  study mts_ratio $set --config.analyze.source="$TABLES/${set}_ce_eval"
-  study calibration_size $set --config.analyze.source="$TABLES/${set}_ce_eval"
-done
-ce_evaluation dsa_mdt_ipc10
-main "$RUNS/random_ipc10_eval" --config "configs/evaluate.py:$DD_CALIBRATION_PROTOCOL,baseline=random,ipc=10"
-study svd_truncation dsa_ipc10 --config.analyze.truncation_ks="(0,1,2,3)" \
-    --config.analyze.source="$TABLES/dsa_ipc10_ce_eval+$TABLES/dsa_mdt_ipc10_ce_eval+$RUNS/random_ipc10_eval"
+    study calibration_size $set --config.analyze.source="$TABLES/${set}_ce_eval"
+  done
+  ce_evaluation dsa_mdt_ipc10
+  main "$RUNS/random_ipc10_eval" --config "configs/evaluate.py:$DD_CALIBRATION_PROTOCOL,baseline=random,ipc=10"
+  study svd_truncation dsa_ipc10 --config.analyze.truncation_ks="(0,1,2,3)" \
+      --config.analyze.source="$TABLES/dsa_ipc10_ce_eval+$TABLES/dsa_mdt_ipc10_ce_eval+$RUNS/random_ipc10_eval"
+}
+
+for part in ${PARTS:-ipc1 ipc10}; do $part; done

@@ -9,7 +9,8 @@
 # trained with lr 0.01 as the MTS code trains every set, its learned lr of 0.0091-0.0098 unused), DM distilled here (budget=cpu, 1000 iterations; copied to
 # experiments/results/fmnist_dd/dm_ipc<N>.npz). Each set is evaluated with configs/evaluate.py budget=cpu (5
 # networks x 301 passes, the reference's schedule, DSA on) for CE, mixup, label smoothing and focal loss; the MDT
-# sets with CE. Variables: IPCS (default "1 10").
+# sets with CE. Variables: IPCS (default "1 10"), METHODS (default "dc dsa mtt dm"), MDT_SETS (default
+# "dc_mdt dsa_mdt dsa_mdtdyn mtt_mdt mtt_mdtdyn"; those of them with a committed set at the IPC).
 # Runs go to runs/fmnist_table1/; the tables to experiments/results/fmnist_table1.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ evaluate() {  # set name, set file
 }
 
 for ipc in ${IPCS:-1 10}; do
-  for method in dc dsa mtt dm; do
+  for method in ${METHODS-dc dsa mtt dm}; do
     dir=experiments/results/fmnist_dd
     [ $method = mtt ] && dir=experiments/results/fmnist_mtt
     if [ $method = dm ]; then
@@ -39,7 +40,7 @@ for ipc in ${IPCS:-1 10}; do
     fi
     evaluate "${method}_ipc$ipc" "$dir/${method}_ipc$ipc.npz"
   done
-  for name in dc_mdt dsa_mdt dsa_mdtdyn mtt_mdt mtt_mdtdyn; do
+  for name in ${MDT_SETS-dc_mdt dsa_mdt dsa_mdtdyn mtt_mdt mtt_mdtdyn}; do
     dir=experiments/results/fmnist_dd
     [ "${name%%_*}" = mtt ] && dir=experiments/results/fmnist_mtt
     if [ -f "$dir/${name}_ipc$ipc.npz" ]; then evaluate "${name}_ipc$ipc" "$dir/${name}_ipc$ipc.npz"; fi
