@@ -41,7 +41,8 @@ def smoke_evaluation(tmp_path_factory):
   from test_cli import cli
   workdir = str(tmp_path_factory.mktemp("evaluate") / "random_eval")
   result = cli("--config=configs/evaluate.py:smoke,baseline=random,"
-               "also_fit_on=held_out_real+distilled_full+distilled_split@test_reference", workdir=workdir)
+               "also_fit_on=held_out_real+distilled_full+distilled_split@test_reference@lbfgs_reference",
+               workdir=workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 

@@ -118,8 +118,8 @@ def test_evaluate_baselines_and_train_time_calibration(tmp_path, preset, smoke_e
       "--config.calibration.split_in_training=False"], ["different networks", "separate runs"]),
     (["--config=configs/evaluate.py:smoke,baseline=random,also_fit_on=validation"],
      ["evaluate.also_fit_on: 'validation' is not one of"]),
-    (["--config=configs/evaluate.py:smoke,baseline=random,also_fit_on=distilled_split@test"],
-     ["evaluate.also_fit_on: 'distilled_split@test' is not one of", "followed by @"]),
+    (["--config=configs/evaluate.py:smoke,baseline=random,also_fit_on=distilled_split@test_reference@test"],
+     ["evaluate.also_fit_on: 'distilled_split@test_reference@test' is not one of", "followed by @"]),
     (["--config=configs/distill.py:method=kip"], ["unknown distillation method 'kip'"]),
     (["--config=configs/distill.py:method=dc,ipc=7,budget=cpu"], ["no CPU budget"]),
 ])

@@ -22,9 +22,10 @@ whole set; "held_out_real" on held-out real images of the training split that di
 (`calibjax.calibration.report`); every metric is measured on the test split. results.json records which data
 fitted the calibrators ("calibration_data"). `evaluate.also_fit_on` ('+'-separated fit_on options) fits TS and
 MTS again on other calibration data for the same networks, with the same keys, reported under "also_fitted_on":
-each entry equals what a run with that `fit_on` reports, without training the networks twice; an entry
-`<fit_on>@test_reference` chooses the MTS ratio on the test split as the MTS reference code does (a reproduction
-mode, recorded as such). A calibrator
+each entry equals what a run with that `fit_on` reports, without training the networks twice; suffixes change how
+the calibrators are fitted there: `@test_reference` chooses the MTS ratio on the test split and `@lbfgs_reference`
+fits T with the reference's LBFGS port (which stops near its start, T = 1.5), as the MTS reference code does
+(reproduction modes, recorded as such). A calibrator
 "over-calibrates" when it turns an over-confident network (mean confidence above accuracy) under-confident, as
 the paper's Table 1 last row.
 """
@@ -37,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from calibjax import build, keys, parallel
+from calibjax.calibration.posthoc.temperature import TS_METHODS
 from calibjax.calibration.report import MTS_SELECTIONS, calibrate_and_report, reusing_logits, summarize_networks
 from calibjax.data.augment import make_batch_transform
 from calibjax.data.prepare import subsample_validation
@@ -87,30 +89,31 @@ def train_networks(run_dir: core.Workdir, config: ml_collections.ConfigDict, *, 
 
 def calibration_sets(config: ml_collections.ConfigDict, *, splits,
                      training_set) -> tuple[list, np.ndarray | None]:
-  """[(calibration config, images, labels, described)] for `calibration.fit_on` and then each entry of
+  """[(name, calibration config, images, labels, described)] for `calibration.fit_on` and then each entry of
   `evaluate.also_fit_on`, and the indices of the training set the networks train on (None: all of it).
 
-  An entry is a fit_on option, or `<fit_on>@<mts_selection>` to choose the MTS ratio elsewhere than
-  `calibration.mts_selection` says (`distilled_split@test_reference`: the MTS reference code's choice on test).
-  Every entry must train the same networks, which is checked here, before any training."""
+  An entry is a fit_on option, optionally followed by `@<mts_selection>` and / or `@<ts_method>` to fit those
+  calibrators otherwise than the `calibration` block says: `distilled_split@test_reference@lbfgs_reference` is the
+  MTS reference code's protocol (T from its LBFGS port, the MTS ratio chosen on test). Every entry must train the
+  same networks, which is checked here, before any training."""
   entries = [name for name in config.evaluate.also_fit_on.split("+") if name]
   names = [config.calibration.fit_on] + entries
-  for entry in entries:
-    fit_on, _, selection = entry.partition("@")
-    if fit_on not in build.FIT_ON or (selection and selection not in MTS_SELECTIONS):
+  modes = {**{mode: "mts_selection" for mode in MTS_SELECTIONS}, **{mode: "ts_method" for mode in TS_METHODS}}
+  parsed = [name.split("@") for name in names]
+  for entry, (fit_on, *suffixes) in zip(entries, parsed[1:]):
+    if fit_on not in build.FIT_ON or any(suffix not in modes for suffix in suffixes):
       raise ConfigError(f"evaluate.also_fit_on: '{entry}' is not one of {', '.join(build.FIT_ON)}, optionally "
-                        f"followed by @ and one of {', '.join(MTS_SELECTIONS)}; give a '+'-separated list of them")
+                        f"followed by @ and one of {', '.join(modes)}; give a '+'-separated list of them")
   if len(set(names)) < len(names):
     raise ConfigError(f"evaluate.also_fit_on repeats an option or calibration.fit_on ({'+'.join(names)}); list "
                       "each place to fit the calibrators once")
   sets, keeps = [], []
-  for name in names:
-    fit_on, _, selection = name.partition("@")
-    cfg = ml_collections.ConfigDict(dict(config.calibration, fit_on=fit_on,
-                                         mts_selection=selection or config.calibration.mts_selection))
+  for name, (fit_on, *suffixes) in zip(names, parsed):
+    cfg = ml_collections.ConfigDict(dict(config.calibration, fit_on=fit_on))
+    cfg.update({modes[suffix]: suffix for suffix in suffixes})
     images, labels, keep, described = build.calibration_data(cfg, splits=splits, training_set=training_set,
                                                              seed=config.seed)
-    described["mts_selection"] = cfg.mts_selection
+    described.update(mts_selection=cfg.mts_selection, ts_method=cfg.ts_method)
     sets.append((name, cfg, images, labels, described))
     keeps.append(keep)
   if any(keep is not None for keep in keeps) and len(names) > 1:
