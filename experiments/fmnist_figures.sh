@@ -6,8 +6,8 @@
 # here with the same command where missing; configs/evaluate.py budget=cpu: 5 networks x 301 passes). The
 # network "trained on full data" is a ConvNet-3 trained on 1000 real images per class for 4 epochs (configs/train.py,
 # the DD protocol) — a CPU-budget stand-in for the paper's full-data network.
-#   Figs. 2a, 7, 2b (max_logit) and 4, 6 (tsne): DSA and MTT IPC 1; Fig. 8 (mts_ratio): DC, DSA, DM, MTT IPC 1 and
-#   DSA, MTT IPC 10; Fig. 9 (calibration_size): DSA and MTT IPC 10 (N = 10 ... 50 % of 10 images per class);
+#   Figs. 2a, 7, 2b (max_logit) and 4, 6 (tsne): DSA and MTT IPC 1; Fig. 8 (mts_ratio): DC, DSA, DM, MTT IPC 1 (T
+#   fitted to convergence, and with the reference's LBFGS port: <set>_reference_fit) and DSA, MTT IPC 10; Fig. 9 (calibration_size): DSA and MTT IPC 10 (N = 10 ... 50 % of 10 images per class);
 #   Fig. 3 (svd_spectrum): the DSA, DSA + MDT and MTT IPC 10 sets; Fig. 5 (svd_truncation): DSA, DSA + MDT and a
 #   random real baseline at IPC 10, k = 0 ... 3 of 10 components per class removed.
 # Variable PARTS (default "ipc1 ipc10"): the IPC 1 studies (max_logit, tsne, mts_ratio) and the IPC 10 ones.
@@ -46,6 +46,8 @@ ipc1() {
     if [ -f "$TABLES/${set}_ce_eval/results.json" ] || [ $set != dm_ipc1 ]; then
       ce_evaluation $set
       study mts_ratio $set --config.analyze.source="$TABLES/${set}_ce_eval"
+      study mts_ratio ${set}_reference_fit --config.analyze.source="$TABLES/${set}_ce_eval" \
+          --config.calibration.ts_method=lbfgs_reference
     fi
   done
 }
