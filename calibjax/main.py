@@ -8,6 +8,7 @@ user can fix are printed as one line and exit with status 2.
 import importlib
 import os
 import sys
+import threading
 
 from absl import app, flags, logging
 import jax
@@ -42,7 +43,21 @@ def resolve_method(name: str):
   return getattr(importlib.import_module(module), function)
 
 
+def _quiet_closed_loop_errors(hook):
+  """Wraps an exception hook so that it drops RuntimeError("Event loop is closed"): after a failed checkpoint
+  restore, tensorstore callbacks still in flight call into orbax's closed event loop from their threads; the
+  failure itself is reported in one line."""
+  def quiet(*args):
+    error = args[0].exc_value if len(args) == 1 else args[1]
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      hook(*args)
+  return quiet
+
+
 def main(argv):
+  sys.excepthook = _quiet_closed_loop_errors(sys.excepthook)
+  sys.unraisablehook = _quiet_closed_loop_errors(sys.unraisablehook)
+  threading.excepthook = _quiet_closed_loop_errors(threading.excepthook)
   if not flags.FLAGS["verbosity"].present:
     # orbax logs every save at INFO and tfds warns about unprepared folders it skips: an error is one line on
     # stderr unless -v asks for more
