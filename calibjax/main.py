@@ -59,9 +59,9 @@ def main(argv):
   sys.unraisablehook = _quiet_closed_loop_errors(sys.unraisablehook)
   threading.excepthook = _quiet_closed_loop_errors(threading.excepthook)
   if not flags.FLAGS["verbosity"].present:
-    # orbax logs every save at INFO and tfds warns about unprepared folders it skips: an error is one line on
-    # stderr unless -v asks for more
-    logging.set_verbosity(logging.ERROR)
+    # orbax logs every save at INFO and the file it cannot parse at ERROR, tfds warns about unprepared folders it
+    # skips: an error is our one line on stderr unless -v asks for the libraries' logs
+    logging.set_verbosity(logging.FATAL)
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}; every option is a flag, e.g. --config.train.epochs=5")
   try:
