@@ -4,9 +4,10 @@ one place when the command line is parsed (`check_values`, called by `calibjax.m
 A rule is keyed by a dotted config path; cadences (`log_every_epochs`, `checkpoint_every_iterations`, ...) are
 matched by their name in any block. A value outside its rule fails with one line naming the key, the value and
 what is allowed. Every float anywhere in a config must also be finite. Values that depend on the data (a batch
-larger than the training split) are checked as soon as the data is loaded (`calibjax.build.check_batch_size`).
+larger than the training split) are checked as soon as the data is loaded (`calibjax.build.steps_per_epoch`).
 """
 
+import importlib
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -54,9 +55,10 @@ def _dataset_or_empty() -> Rule:
   return Rule(f"'' (none) or a dataset: {', '.join(names)}", lambda v: v == "" or v in names)
 
 
-def _ts_method() -> Rule:
-  from calibjax.calibration.posthoc.temperature import TS_METHODS
-  return one_of(*TS_METHODS)
+def _names_of(module: str, attribute: str) -> Callable[[], Rule]:
+  """A rule, built when first needed, that accepts the names in `module.attribute` (the tuple the code that reads
+  the key checks against, so the two cannot drift apart)."""
+  return lambda: one_of(*getattr(importlib.import_module(module), attribute))
 
 
 RULES: dict[str, Rule | Callable[[], Rule]] = {
@@ -80,11 +82,11 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "calibration.n_bins": POSITIVE_INT,
     "calibration.mts_ratios": each(Rule("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1)),
     "calibration.split_fraction": FRACTION,
-    "calibration.ts_method": _ts_method,
-    "calibration.fit_on": one_of("held_out_real", "distilled_split", "distilled_full"),
-    "calibration.mts_selection": one_of("calibration_data", "test_reference"),
-    "calibration.mts_target": one_of("input", "logit"),
-    "calibration.mts_granularity": one_of("element", "pixel"),
+    "calibration.ts_method": _names_of("calibjax.calibration.posthoc.temperature", "TS_METHODS"),
+    "calibration.fit_on": _names_of("calibjax.build", "FIT_ON"),
+    "calibration.mts_selection": _names_of("calibjax.calibration.report", "MTS_SELECTIONS"),
+    "calibration.mts_target": _names_of("calibjax.calibration.posthoc.temperature", "MASK_TARGETS"),
+    "calibration.mts_granularity": _names_of("calibjax.masks", "GRANULARITIES"),
     "evaluate.num_nets": POSITIVE_INT,
     "evaluate.ipc": POSITIVE_INT,
     "evaluate.val_per_class": NON_NEGATIVE_INT,

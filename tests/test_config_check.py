@@ -31,6 +31,13 @@ def test_every_shipped_config_obeys_the_rules(name, arg):
   config_check.check_values(_config(name, arg))
 
 
+def test_every_value_the_code_accepts_passes():
+  # the name rules are the tuples the reading code checks against: its non-default values pass too
+  config_check.check_values(ml_collections.ConfigDict({"calibration": {
+      "mts_target": "logits", "mts_granularity": "pixel", "ts_method": "lbfgs_reference",
+      "mts_selection": "test_reference", "fit_on": "distilled_full"}}))
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("train.epochs", 0, "train.epochs = 0 is not allowed: it must be a positive integer"),
     ("train.epochs", True, "train.epochs = True is not allowed"),
@@ -40,6 +47,7 @@ def test_every_shipped_config_obeys_the_rules(name, arg):
     ("calibration.split_fraction", 0.0, "it must be a number in (0, 1]"),
     ("calibration.mts_ratios", (), "a non-empty tuple whose every entry is a number in (0, 1)"),
     ("calibration.fit_on", "test", "one of 'held_out_real', 'distilled_split', 'distilled_full'"),
+    ("calibration.mts_target", "logit", "one of 'input', 'logits'"),
     ("distill.checkpoint_every_iterations", 0, "distill.checkpoint_every_iterations = 0"),
     ("kd.temperature", float("inf"), "kd.temperature = inf is not finite"),
     ("analyze.ood_dataset", "svhn_typo", "'' (none) or a dataset"),
