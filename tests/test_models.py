@@ -66,19 +66,6 @@ def test_unknown_model_and_bad_option():
     models.build("convnet", num_classes=10, input_shape=(28, 28, 1), norm="weird")
 
 
-def test_fast_paths_equal_the_plain_layers():
-  """The first-layer conv as a patch matmul and the reshape pooling compute what nnx.Conv and pooling do."""
-  from flax import nnx
-  from calibjax.models.convnet import conv_as_matmul, pool2x2
-  for channels, pad, stride, kernel in ((1, 3, 1, 3), (3, 1, 1, 3), (3, 1, 2, 3), (4, 0, 2, 1), (2, 1, 3, 3)):
-    conv = nnx.Conv(channels, 8, (kernel, kernel), strides=stride, padding=pad, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(channels), (2, 9, 11, channels))
-    np.testing.assert_allclose(conv_as_matmul(conv, x), conv(x), atol=1e-5)
-  x = jax.random.normal(jax.random.key(0), (2, 7, 9, 3))
-  np.testing.assert_allclose(pool2x2(x, "avg"), nnx.avg_pool(x, (2, 2), strides=(2, 2)), atol=1e-6)
-  np.testing.assert_array_equal(pool2x2(x, "max"), nnx.max_pool(x, (2, 2), strides=(2, 2)))
-
-
 def test_convnet_layer_features_are_its_blocks_then_its_logits():
   net = models.build("convnet", num_classes=3, input_shape=(8, 8, 1), width=4, depth=2)
   params, state = net.init(jax.random.key(0))

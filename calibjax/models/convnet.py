@@ -9,8 +9,8 @@ matters when porting PyTorch weights.
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
 
+from calibjax.models.fast_paths import conv_as_matmul, instance_norm, pool2x2, use_matmul
 from calibjax.models.init import torch_bias_init, torch_kernel_init
 
 NORMS = ("instance", "batch", "group", "none")
@@ -38,7 +38,7 @@ class ConvNet(nnx.Module):
     if pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     height, wid, channels = input_shape
-    self.pooling = pooling
+    self.pooling, self.norm_kind = pooling, norm
     convs, norms = [], []
     in_ch = channels
     for layer in range(depth):
@@ -62,6 +62,8 @@ class ConvNet(nnx.Module):
       x = conv_as_matmul(conv, x) if use_matmul(conv) else conv(x)
       if isinstance(norm, nnx.BatchNorm):
         x = norm(x, use_running_average=not train)
+      elif self.norm_kind == "instance":
+        x = instance_norm(x, norm.scale[...], norm.bias[...], norm.epsilon)
       elif norm is not None:
         x = norm(x)
       x = jax.nn.relu(x)
@@ -77,60 +79,6 @@ class ConvNet(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     return self.head(self.embed(x, train=train))
-
-
-# XLA's CPU convolution computes the kernel gradient of a conv with very few input channels (the first layer on
-# grayscale images) about 20x slower than its forward pass: 1.4 s vs 0.08 s for 256 Fashion-MNIST images on 2
-# cores, more than the whole rest of a training step. As a matmul over 3x3 patches, the same conv and both of its
-# gradients are plain matrix products (patches are only 9 * C_in wide, so they cost little memory).
-_MATMUL_MAX_IN_CHANNELS = 4
-
-
-def use_matmul(conv: nnx.Conv) -> bool:
-  """Whether `conv_as_matmul` should compute `conv` (square stride, ungrouped, integer padding): for few input
-  channels always, and for every such conv on the CPU backend; XLA's convolution elsewhere (GPU/TPU kernels
-  win there).
-
-  On XLA:CPU the 128 -> 128 3x3 conv of the ConvNet (batch 256, 16 x 16, value and both gradients) takes 2.1 s as
-  a patch matmul vs 8.3 s as a convolution, and 18 s vs 124 s when vmapped over 10 weight-sharing batches (the
-  per-class gradients of gradient matching, where the convolution becomes a grouped one); measured on 2 busy
-  cores. The patches cost 9x the input's memory.
-  """
-  if _square_stride(conv) is None or conv.feature_group_count != 1 or not isinstance(conv.padding, int):
-    return False
-  return conv.in_features <= _MATMUL_MAX_IN_CHANNELS or jax.default_backend() == "cpu"
-
-
-def _square_stride(conv: nnx.Conv) -> int | None:
-  """The conv's stride if it is the same along both axes, else None."""
-  strides = conv.strides
-  if isinstance(strides, int):
-    return strides
-  return strides[0] if len(set(strides)) == 1 else None
-
-
-def conv_as_matmul(conv: nnx.Conv, x: jax.Array) -> jax.Array:
-  """`conv(x)` for a square-stride conv with explicit symmetric integer padding, computed on im2col patches."""
-  kh, kw = conv.kernel_size
-  pad, stride = conv.padding, _square_stride(conv)
-  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  out_h, out_w = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
-  span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
-  # Patch features ordered (kh, kw, c_in), matching the (kh, kw, c_in, c_out) kernel layout.
-  patches = jnp.concatenate([x[:, i:i + span_h:stride, j:j + span_w:stride, :]
-                             for i in range(kh) for j in range(kw)], axis=-1)
-  y = patches @ conv.kernel.value.reshape(-1, conv.out_features)
-  return y + conv.bias.value if conv.bias is not None else y
-
-
-def pool2x2(x: jax.Array, kind: str) -> jax.Array:
-  """2x2 pooling with stride 2 (an odd last row/column is dropped, as PyTorch's pooling does).
-
-  Written as a reshape and reduction: XLA's CPU gradient of `reduce_window` is three times slower.
-  """
-  n, h, w, c = x.shape
-  blocks = x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
-  return blocks.mean(axis=(2, 4)) if kind == "avg" else blocks.max(axis=(2, 4))
 
 
 def _init_kwargs(init: str, *, fan_in: int) -> dict:

@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from calibjax.errors import ConfigError
-# CPU fast paths of the ConvNet (patch-matmul first conv, reshape pooling); see convnet.py for why they pay.
-from calibjax.models.convnet import conv_as_matmul, pool2x2, use_matmul
+from calibjax.models.fast_paths import conv_as_matmul, pool2x2, use_matmul
 from calibjax.models.init import torch_bias_init, torch_kernel_init
 
 KAIMING_FAN_OUT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -65,7 +64,7 @@ def linear(in_features: int, out_features: int, *, weight: str = "torch", bias: 
 
 
 def apply_conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
-  """`layer(x)`; a patch matmul where `convnet.use_matmul` says XLA:CPU's convolution gradient is slow."""
+  """`layer(x)`; a patch product where `fast_paths.use_matmul` says XLA:CPU's convolution gradient is slow."""
   if use_matmul(layer):
     return conv_as_matmul(layer, x)
   return layer(x)
