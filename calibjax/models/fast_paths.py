@@ -1,6 +1,6 @@
 """Fast paths for the ConvNet's layers on XLA:CPU. Each computes what the plain layer computes (values, first and
 second derivatives agree within float tolerance; tests/test_fast_paths.py) and exists because XLA:CPU runs the
-plain form markedly slower; docs/speed.md has the measurements.
+plain form markedly slower; docs/jax.md §9.4 has the measurements.
 
   * `conv_as_matmul`: a convolution as a product of im2col patches with the kernel, with its own VJP. XLA's CPU
     kernel gradient of a convolution with few input channels is ~20x slower than its forward pass, and of a
