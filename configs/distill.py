@@ -82,7 +82,7 @@ def distill_config(*, method: str, ipc: int, dataset: str) -> ml_collections.Con
   d.mdt_granularity = "element"  # element (the MTS code's mask) | pixel
   d.mdt_inner = False
   d.class_map = "vmap"  # vmap | loop (a Python loop over classes inside the same jitted step)
-  d.class_chunk = 0  # > 0: vmap over this many classes at a time to bound memory
+  d.class_chunk = 0  # k > 0: vmap over k classes at a time (bounds memory); 0: 1 on the CPU, all elsewhere
   d.log_every_iterations = 10
   d.checkpoint_every_iterations = 50
   if method == "mtt":
