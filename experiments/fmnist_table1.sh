@@ -10,7 +10,8 @@
 # experiments/results/fmnist_dd/dm_ipc<N>.npz). Each set is evaluated with configs/evaluate.py budget=cpu (5
 # networks x 301 passes, the reference's schedule, DSA on) for CE, mixup, label smoothing and focal loss; the MDT
 # sets with CE. Variables: IPCS (default "1 10"), METHODS (default "dc dsa mtt dm"), MDT_SETS (default
-# "dc_mdt dsa_mdt dsa_mdtdyn mtt_mdt mtt_mdtdyn"; those of them with a committed set at the IPC).
+# "dc_mdt dsa_mdt dsa_mdtdyn mtt_mdt mtt_mdtdyn"; those of them with a committed set at the IPC), VARIANTS
+# (default "loss=ce mixing=mixup loss=label_smoothing loss=focal").
 # Runs go to runs/fmnist_table1/; the tables to experiments/results/fmnist_table1.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ mkdir -p "$RUNS"
 
 evaluate() {  # set name, set file
   local name=$1 file=$2
-  for variant in loss=ce mixing=mixup loss=label_smoothing loss=focal; do
+  for variant in ${VARIANTS:-loss=ce mixing=mixup loss=label_smoothing loss=focal}; do
     if [ "$name" != "${name/mdt/}" ] && [ "$variant" != loss=ce ]; then continue; fi  # MDT sets: CE only
     main "$RUNS/${name}_${variant#*=}_eval" --config "configs/evaluate.py:$DD_CALIBRATION_PROTOCOL,$variant" \
         --config.evaluate.source="$file"
