@@ -171,22 +171,24 @@ def main():
   if args.child:
     print(json.dumps(child(json.loads(args.child))))
     return
-  lines = [f"`python benchmarks/speed.py{''.join(' ' + arg for arg in sys.argv[1:])}`",
-           f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-           f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", ""]
-  print("\n".join(lines), flush=True)
+  header = [f"`python benchmarks/speed.py{''.join(' ' + arg for arg in sys.argv[1:])}`",
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+            f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", ""]
+  out = open(args.out, "w") if args.out else None  # written row by row: a run cut short keeps its rows
 
   def emit(*rows):
     for row in rows:
       print(row, flush=True)
-      lines.append(row)
+      if out:
+        out.write(row + "\n")
+        out.flush()
 
-  ceiling = {}
+  emit(*header)
+
   if "ceiling" in args.sections:
     emit("| fp32 matmul 2048³ | device | GFLOP/s |", "|---|---|---|")
     for framework in ("jax", "torch"):
       result = run_child({"framework": framework, "section": "ceiling"})
-      ceiling[framework] = result["gflops"]
       emit(f"| {framework} | {result['device']} | {result['gflops']:.0f} |")
     emit("")
   if "step" in args.sections:
@@ -216,9 +218,8 @@ def main():
              f"{ours['peak_gb']:.2f} / {theirs['peak_gb']:.2f} | {ours['device']} |")
     emit("")
   emit(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write("\n".join(lines) + "\n")
+  if out:
+    out.close()
 
 
 if __name__ == "__main__":
