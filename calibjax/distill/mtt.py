@@ -50,13 +50,15 @@ program XLA:CPU's scheduler keeps the recomputed activations of every step alive
 for all three modes; the same with a hand-written custom_vjp whose recomputation waits on an optimisation
 barrier), so with `unroll="full"` the memory modes change the arithmetic but not the peak.
 
-Scan unrolling (`unroll`). XLA:CPU runs the weight-gradient convolutions of a student step very slowly when
-they sit inside a while loop (jax-ml/jax#12868; see `calibjax.distill.gm`); measured here on a 2-core CPU,
-ConvNet-3 width 16, 100 images of 28 px, the gradient of a 4-step unroll: 4.8 s as a rolled scan, 0.6 s with
-`lax.scan(..., unroll=True)`; at width 128 the rolled scan did not finish a 2-step gradient in 200 s. So
-"auto" (default) fully unrolls the scan on the CPU backend (fast steps, compile time growing with N, memory
-growing with N whatever `memory` says) and keeps it rolled elsewhere (GPU/TPU: the memory modes bound the
-peak); "rolled" and "full" force either. The unroll is a `lax.scan` in every case.
+Scan unrolling (`unroll`). XLA:CPU runs convolution weight gradients very slowly inside a while loop
+(jax-ml/jax#12868; see `calibjax.distill.gm`): with `lax.conv`, a rolled 2-step unroll at width 128 did not finish
+in 200 s. On the CPU backend the ConvNet computes every convolution as a patch product
+(`models.fast_paths`), which loops do not slow down: at IPC 1, N = 10 (`benchmarks/mtt_step.py --ipc 1 --steps 10
+--memory none --unroll rolled full`, 2 shared cores) the rolled scan compiles in 17 s against 55 s fully unrolled
+and runs as fast (3.9 vs 4.2 s per iteration); at N = 40 it compiles in 18 s (317 s fully unrolled, README
+Benchmarks) and with `memory=remat` peaks at 1.3 GB resident. So "auto" (default) keeps the scan rolled on every
+backend, where the memory modes bound the peak; "full" unrolls it (compile time and memory growing with N
+whatever `memory` says); "rolled" is "auto". The unroll is a `lax.scan` in every case.
 """
 
 import dataclasses
@@ -216,8 +218,7 @@ class MTTConfig(matching.MatchingConfig):
 
 def scan_unroll(config: MTTConfig) -> bool | int:
   """The `unroll` argument of the student `lax.scan`: True (fully unrolled) or 1 (a rolled while loop)."""
-  full = config.unroll == "full" or (config.unroll == "auto" and jax.default_backend() == "cpu")
-  return True if full else 1
+  return True if config.unroll == "full" else 1
 
 
 # -------------------------------------------------------------------------------------------- the unroll
