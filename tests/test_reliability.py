@@ -172,13 +172,23 @@ def test_divergence_stops_at_the_first_log_with_one_line(tmp_path):
       [json.loads(line) for line in f]
 
 
+def _terminal_sigint():
+  """In the child: SIGINT delivered and handled as in a terminal. A child inherits an ignored or blocked SIGINT
+  from its parent, and in the full suite (xdist) the run sometimes ended with exit 0 after the SIGINT, as if
+  the worker had left it ignored by then (not pinned down which earlier test or library does)."""
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_sigint_ends_in_one_line_and_the_run_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   args = [TRAIN, "--config.train.epochs=40", "--quiet"]
   process = subprocess.Popen([sys.executable, "-m", "calibjax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
-                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_terminal_sigint)
   checkpoints = os.path.join(workdir, "checkpoints")
+
   def saved():  # any checkpoint: older ones are pruned as newer ones are saved, so no fixed epoch is waited for
     return os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
 
