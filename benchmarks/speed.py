@@ -11,7 +11,8 @@ Sections:
            and 100 on 28x28x1 (Fashion-MNIST) and 32x32x3 (CIFAR) inputs; `--large` adds batch 1024 and 2048.
   gm       one DC and one DSA distillation iteration on Fashion-MNIST at the reference settings (a fresh
            ConvNet-3, 256 real images per class, the reference outer x inner loops: IPC 1 1 x 1, IPC 10 10 x 50),
-           classes vmapped on the calibjax side; `--gm-ipcs` (default 1 10), median of `--gm-repeats`
+           classes mapped as calibjax does by default (one at a time on the CPU, all vmapped on accelerators:
+           `matching.default_class_chunk`); `--gm-ipcs` (default 1 10), median of `--gm-repeats`
            iterations after the first. Needs the Fashion-MNIST IDX files (`make data`).
 
 Every measurement runs in its own process (so that peak memory is that setting's): the median of `--repeats`
