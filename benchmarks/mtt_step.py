@@ -17,9 +17,8 @@ Each setting runs in its own process. "compile" is `lower(...).compile()` of the
 the median of `--repeats` iterations (each on a fresh key, `block_until_ready`; none with `--repeats 0`);
 "XLA temp" is the compiled program's temporary-buffer size (`memory_analysis()`, the activations the gradient
 keeps); "peak RSS" is the process's maximum resident memory (data, compilation and the iterations). "unroll"
-is the scan unrolling (`--unroll`, default "auto": fully unrolled on the CPU backend, where compile time and
-memory grow with N in every memory mode, rolled elsewhere; see `calibjax.distill.mtt`). On a CPU the rolled
-scan bounds memory but runs the convolutions through XLA's slow in-loop path, hence `--repeats 0` there.
+is the scan unrolling (`--unroll`, default "auto": the rolled scan on every backend, whose memory the memory
+modes bound; "full" unrolls it, compile time and memory growing with N; see `calibjax.distill.mtt`).
 Prints a markdown table with the load average, since the machine may be shared. PyTorch reference on a
 2-core CPU at IPC 10 (docs/reference-quirks.md §9): 8.7 / 18.2 / 34.1 s and 4.9 / 8.6 / 15.7 GB peak RSS at
 N = 10 / 20 / 40.

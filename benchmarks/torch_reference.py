@@ -208,11 +208,67 @@ def time_gm_iteration(*, method: str, ipc: int, repeats: int, data_dir: str, bat
           net_optimizer.step()
     return float(loss.detach())
 
+  return _time_iterations(iteration, repeats, dev)
+
+
+# ---- Trajectory matching (MTT), as the reference MTT code runs one iteration -----------------------------------
+# The student's parameters are one flat vector (the reference's reparametrised module); N = `syn_steps` steps
+# θ_{k+1} = θ_k − lr·∇θ CE(net(DSA(X_k)); θ_k) on minibatches of the synthetic set (the whole set by default),
+# each gradient kept in the graph (create_graph); the loss ‖θ_N − θ*‖² / ‖θ_0 − θ*‖²; one SGD step (momentum 0.5)
+# on the images and on the learned lr. DSA draws one family per call, not Siamese. The expert trajectory is
+# synthetic (a fresh initialisation and a small random step to the target): the cost does not depend on it.
+
+
+def time_mtt_iteration(*, ipc: int, syn_steps: int, repeats: int, data_dir: str,
+                       batch_syn: int | None = None) -> dict:
+  """First and median seconds of one MTT iteration (module comment above) on Fashion-MNIST."""
+  dev = device()
+  by_class = fashion_mnist_by_class(data_dir)
+  generator = torch.Generator().manual_seed(0)
+  syn = torch.cat([c[torch.randperm(len(c), generator=generator)[:ipc]] for c in by_class]).to(dev)
+  syn.requires_grad_(True)
+  syn_labels = torch.arange(10, device=dev).repeat_interleave(ipc)
+  syn_lr = torch.tensor(0.01, device=dev, requires_grad=True)
+  image_optimizer = torch.optim.SGD([syn], lr=1000.0, momentum=0.5)
+  lr_optimizer = torch.optim.SGD([syn_lr], lr=1e-5, momentum=0.5)
+  net = convnet(1).to(dev)
+  names = [name for name, _ in net.named_parameters()]
+  shapes = [p.shape for _, p in net.named_parameters()]
+  start = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+  target = start + 1e-3 * torch.randn(start.shape, generator=generator).to(dev)
+  batch = batch_syn or len(syn_labels)
+
+  def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    tensors = [t.view(shape) for t, shape in zip(torch.split(flat, [s.numel() for s in shapes]), shapes)]
+    return torch.func.functional_call(net, dict(zip(names, tensors)), (x,))
+
+  def iteration():
+    params, chunks = start.clone().requires_grad_(True), []
+    for _ in range(syn_steps):
+      if not chunks:  # a fresh permutation whenever the previous one is used up, as the reference does
+        chunks = list(torch.split(torch.randperm(len(syn_labels), generator=generator).to(dev), batch))
+      rows = chunks.pop()
+      x = dsa(syn[rows], torch.Generator().manual_seed(int(torch.randint(2 ** 31, (1,), generator=generator))))
+      loss = nn.functional.cross_entropy(forward(params, x), syn_labels[rows])
+      grad, = torch.autograd.grad(loss, params, create_graph=True)
+      params = params - syn_lr * grad
+    loss = ((params - target) ** 2).sum() / ((start - target) ** 2).sum()
+    image_optimizer.zero_grad()
+    lr_optimizer.zero_grad()
+    loss.backward()
+    image_optimizer.step()
+    lr_optimizer.step()
+    return float(loss.detach())
+
+  return _time_iterations(iteration, repeats, dev)
+
+
+def _time_iterations(iteration, repeats: int, dev: torch.device) -> dict:
   times = []
   for _ in range(repeats + 1):
     _sync(dev)
-    start = time.perf_counter()
+    begin = time.perf_counter()
     iteration()
     _sync(dev)
-    times.append(time.perf_counter() - start)
+    times.append(time.perf_counter() - begin)
   return {"first_s": times[0], "step_s": float(np.median(times[1:]))}

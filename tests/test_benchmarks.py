@@ -28,3 +28,25 @@ def test_convnet_step_flops_by_hand(speed):
 def test_calibjax_step_is_timed(speed):
   result = speed._jax_train_step(batch_size=4, image_shape=(28, 28, 1), repeats=2)
   assert 0 < result["step_s"] < result["first_s"]
+
+
+def test_mtt_iteration_is_timed():
+  # The calibjax side of the speed benchmark's MTT row, at a width small enough to compile in seconds.
+  import sys
+  sys.path.insert(0, str(SPEED.parent))
+  import mtt_step
+  result = mtt_step.time_iteration(syn_steps=2, memory="none", unroll="auto", width=8, ipc=1, repeats=1)
+  assert result["unroll"] == "rolled" and result["compile_s"] > 0 and result["step_s"] > 0
+
+
+def test_pytorch_reference_mtt_iteration_runs():
+  # The PyTorch side of the MTT row (bench extra), two student steps at IPC 1 on the real data.
+  pytest.importorskip("torch")
+  import sys
+  sys.path.insert(0, str(SPEED.parent))
+  import torch_reference
+  data_dir = "/usr/share/datasets/fashion-mnist"
+  if not Path(data_dir, "train-images-idx3-ubyte.gz").exists():
+    pytest.skip("Fashion-MNIST IDX files not installed (make data)")
+  result = torch_reference.time_mtt_iteration(ipc=1, syn_steps=2, repeats=1, data_dir=data_dir)
+  assert result["step_s"] > 0 and result["first_s"] > 0
