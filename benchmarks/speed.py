@@ -14,10 +14,10 @@ Sections:
            classes mapped as calibjax does by default (one at a time on the CPU, all vmapped on accelerators:
            `matching.default_class_chunk`); `--gm-ipcs` (default 1 10), median of `--gm-repeats`
            iterations after the first. Needs the Fashion-MNIST IDX files (`make data`).
-  mtt      one MTT iteration on Fashion-MNIST at IPC 10 (`--mtt-ipc`), N = 20 student steps (`--mtt-steps`) on
-           the whole synthetic set with DSA, as calibjax runs it by default (memory "none", the rolled scan;
-           benchmarks/mtt_step.py) and as the reference runs it (flat parameters, create_graph); "first" is
-           calibjax's compilation, PyTorch's first iteration. Needs the Fashion-MNIST files too.
+  mtt      one MTT iteration on Fashion-MNIST at IPC 10 (`--mtt-ipcs`), N = 20 student steps (`--mtt-steps`)
+           on the whole synthetic set with DSA, as calibjax runs it (the rolled scan, memory mode "none" or those
+           of `--mtt-memory`; benchmarks/mtt_step.py) and as the reference runs it (flat parameters,
+           create_graph); "first" is calibjax's compilation, PyTorch's first iteration. Needs Fashion-MNIST too.
 
 Every measurement runs in its own process (so that peak memory is that setting's): the median of `--repeats`
 steps after two warm-up steps; "first" is the first step (compilation for calibjax). GFLOP/s counts the
@@ -121,9 +121,9 @@ def _jax_gm_iteration(*, method: str, ipc: int, repeats: int) -> dict:
   return distill_step.time_iteration(config, width=128, repeats=repeats)
 
 
-def _jax_mtt_iteration(*, ipc: int, syn_steps: int, repeats: int) -> dict:
+def _jax_mtt_iteration(*, ipc: int, syn_steps: int, repeats: int, memory: str = "none") -> dict:
   import mtt_step
-  result = mtt_step.time_iteration(syn_steps=syn_steps, memory="none", unroll="auto", width=128, ipc=ipc,
+  result = mtt_step.time_iteration(syn_steps=syn_steps, memory=memory, unroll="auto", width=128, ipc=ipc,
                                    repeats=repeats)
   return {"first_s": result["compile_s"], "step_s": result["step_s"]}
 
@@ -148,7 +148,7 @@ def child(spec: dict) -> dict:
   elif section == "mtt":
     settings = dict(ipc=spec["ipc"], syn_steps=spec["syn_steps"], repeats=spec["repeats"])
     result = (impl.time_mtt_iteration(**settings, data_dir=_fashion_mnist_dir()) if framework == "torch"
-              else _jax_mtt_iteration(**settings))
+              else _jax_mtt_iteration(**settings, memory=spec["memory"]))
   else:
     time_step = impl.time_train_step if framework == "torch" else _jax_train_step
     result = time_step(batch_size=spec["batch_size"], image_shape=tuple(spec["image_shape"]),
@@ -181,8 +181,9 @@ def main():
   parser.add_argument("--large", action="store_true", help="also batch 1024 and 2048 (accelerators)")
   parser.add_argument("--gm-ipcs", type=int, nargs="+", default=[1, 10], choices=[1, 10, 50])
   parser.add_argument("--gm-repeats", type=int, default=2)
-  parser.add_argument("--mtt-ipc", type=int, default=10)
+  parser.add_argument("--mtt-ipcs", type=int, nargs="+", default=[10])
   parser.add_argument("--mtt-steps", type=int, nargs="+", default=[20])
+  parser.add_argument("--mtt-memory", nargs="+", default=["none"], choices=["none", "remat", "tesla"])
   parser.add_argument("--mtt-repeats", type=int, default=3)
   parser.add_argument("--out", help="also write the tables to this file")
   parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -237,14 +238,17 @@ def main():
              f"{ours['peak_gb']:.2f} / {theirs['peak_gb']:.2f} | {ours['device']} |")
     emit("")
   if "mtt" in args.sections:
-    emit("| MTT iteration | IPC | N | calibjax s (compile) | PyTorch s (first) | calibjax / PyTorch | "
-         "peak GB calibjax / PyTorch | device |", "|---|---|---|---|---|---|---|---|")
-    for syn_steps in args.mtt_steps:
-      spec = {"section": "mtt", "ipc": args.mtt_ipc, "syn_steps": syn_steps, "repeats": args.mtt_repeats}
-      ours, theirs = run_child({**spec, "framework": "jax"}), run_child({**spec, "framework": "torch"})
-      emit(f"| MTT | {args.mtt_ipc} | {syn_steps} | {ours['step_s']:.2f} ({ours['first_s']:.1f}) | "
-           f"{theirs['step_s']:.2f} ({theirs['first_s']:.1f}) | {ours['step_s'] / theirs['step_s']:.2f} | "
-           f"{ours['peak_gb']:.2f} / {theirs['peak_gb']:.2f} | {ours['device']} |")
+    emit("| MTT iteration | IPC | N | calibjax memory mode | calibjax s (compile) | PyTorch s (first) | "
+         "calibjax / PyTorch | peak GB calibjax / PyTorch | device |", "|---|---|---|---|---|---|---|---|---|")
+    for ipc in args.mtt_ipcs:
+      for syn_steps in args.mtt_steps:
+        spec = {"section": "mtt", "ipc": ipc, "syn_steps": syn_steps, "repeats": args.mtt_repeats}
+        theirs = run_child({**spec, "framework": "torch"})  # PyTorch has one mode: every step's graph kept
+        for memory in args.mtt_memory:
+          ours = run_child({**spec, "memory": memory, "framework": "jax"})
+          emit(f"| MTT | {ipc} | {syn_steps} | {memory} | {ours['step_s']:.2f} ({ours['first_s']:.1f}) | "
+               f"{theirs['step_s']:.2f} ({theirs['first_s']:.1f}) | {ours['step_s'] / theirs['step_s']:.2f} | "
+               f"{ours['peak_gb']:.2f} / {theirs['peak_gb']:.2f} | {ours['device']} |")
     emit("")
   emit(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
   if out:
