@@ -30,20 +30,18 @@ def test_calibjax_step_is_timed(speed):
   assert 0 < result["step_s"] < result["first_s"]
 
 
-def test_mtt_iteration_is_timed():
+def test_mtt_iteration_is_timed(monkeypatch):
   # The calibjax side of the speed benchmark's MTT row, at a width small enough to compile in seconds.
-  import sys
-  sys.path.insert(0, str(SPEED.parent))
+  monkeypatch.syspath_prepend(str(SPEED.parent))
   import mtt_step
   result = mtt_step.time_iteration(syn_steps=2, memory="none", unroll="auto", width=8, ipc=1, repeats=1)
   assert result["unroll"] == "rolled" and result["compile_s"] > 0 and result["step_s"] > 0
 
 
-def test_pytorch_reference_mtt_iteration_runs():
+def test_pytorch_reference_mtt_iteration_runs(monkeypatch):
   # The PyTorch side of the MTT row (bench extra), two student steps at IPC 1 on the real data.
   pytest.importorskip("torch")
-  import sys
-  sys.path.insert(0, str(SPEED.parent))
+  monkeypatch.syspath_prepend(str(SPEED.parent))
   import torch_reference
   data_dir = "/usr/share/datasets/fashion-mnist"
   if not Path(data_dir, "train-images-idx3-ubyte.gz").exists():
