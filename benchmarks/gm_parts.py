@@ -94,14 +94,8 @@ def pytorch_parts(ipc: int) -> dict:
     return torch.autograd.grad(nn.functional.cross_entropy(net(real), torch.full((BATCH_REAL,), c)), params)
 
   def matching_step():
-    loss = torch.zeros(())
-    for c, images in enumerate(by_class):
-      rows = slice(c * ipc, (c + 1) * ipc)
-      grads_syn = torch.autograd.grad(nn.functional.cross_entropy(net(syn[rows]), syn_labels[rows]), params,
-                                      create_graph=True)
-      loss = loss + sum(reference._layer_distance(r.detach(), s)
-                        for r, s in zip(real_gradient(c, images), grads_syn))
-    loss.backward()
+    reference.matching_loss(net, by_class, syn, syn_labels, ipc=ipc, batch_real=BATCH_REAL, augment=False,
+                            generator=generator).backward()
 
   optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
   train_images = syn.detach().clone()

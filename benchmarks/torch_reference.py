@@ -160,6 +160,27 @@ def dsa(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
   return x * (~(inside_y[:, :, None] & inside_x[:, None, :]))[:, None].to(x.dtype)
 
 
+def matching_loss(net: nn.Module, by_class: list[torch.Tensor], syn: torch.Tensor, syn_labels: torch.Tensor, *,
+                  ipc: int, batch_real: int, augment: bool, generator: torch.Generator) -> torch.Tensor:
+  """Σ over classes of the per-layer gradient distance between `batch_real` real images of the class and its
+  synthetic images (their gradients kept in the graph); DSA with the same draw for both when `augment`."""
+  params, dev = list(net.parameters()), syn.device
+  loss = torch.zeros((), device=dev)
+  for c, images in enumerate(by_class):
+    real = images[torch.randint(len(images), (batch_real,), generator=generator).to(dev)]
+    syn_c = syn[c * ipc:(c + 1) * ipc]
+    if augment:
+      seed = int(torch.randint(2 ** 31, (1,), generator=generator))
+      real = dsa(real, torch.Generator().manual_seed(seed))
+      syn_c = dsa(syn_c, torch.Generator().manual_seed(seed))
+    real_labels = torch.full((batch_real,), c, device=dev)
+    grads_real = torch.autograd.grad(nn.functional.cross_entropy(net(real), real_labels), params)
+    grads_syn = torch.autograd.grad(nn.functional.cross_entropy(net(syn_c), syn_labels[c * ipc:(c + 1) * ipc]),
+                                    params, create_graph=True)
+    loss = loss + sum(_layer_distance(r.detach(), s) for r, s in zip(grads_real, grads_syn))
+  return loss
+
+
 def time_gm_iteration(*, method: str, ipc: int, repeats: int, data_dir: str, batch_real: int = 256) -> dict:
   """First and median seconds of one DC / DSA iteration (module comment above) on Fashion-MNIST."""
   dev = device()
@@ -174,22 +195,10 @@ def time_gm_iteration(*, method: str, ipc: int, repeats: int, data_dir: str, bat
 
   def iteration():
     net = convnet(1).to(dev)
-    params = list(net.parameters())
     net_optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
     for step in range(outer):
-      loss = torch.zeros((), device=dev)
-      for c, images in enumerate(by_class):
-        real = images[torch.randint(len(images), (batch_real,), generator=generator).to(dev)]
-        syn_c = syn[c * ipc:(c + 1) * ipc]
-        if augment:
-          seed = int(torch.randint(2 ** 31, (1,), generator=generator))
-          real = dsa(real, torch.Generator().manual_seed(seed))
-          syn_c = dsa(syn_c, torch.Generator().manual_seed(seed))
-        real_labels = torch.full((batch_real,), c, device=dev)
-        grads_real = torch.autograd.grad(nn.functional.cross_entropy(net(real), real_labels), params)
-        grads_syn = torch.autograd.grad(nn.functional.cross_entropy(net(syn_c), syn_labels[c * ipc:(c + 1) * ipc]),
-                                        params, create_graph=True)
-        loss = loss + sum(_layer_distance(r.detach(), s) for r, s in zip(grads_real, grads_syn))
+      loss = matching_loss(net, by_class, syn, syn_labels, ipc=ipc, batch_real=batch_real, augment=augment,
+                           generator=generator)
       image_optimizer.zero_grad()
       loss.backward()
       image_optimizer.step()
