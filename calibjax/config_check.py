@@ -63,6 +63,8 @@ def _names_of(module: str, attribute: str) -> Callable[[], Rule]:
 
 RULES: dict[str, Rule | Callable[[], Rule]] = {
     "seed": NON_NEGATIVE_INT,
+    "num_processes": NON_NEGATIVE_INT,
+    "process_id": Rule("-1 (detected) or an integer ≥ 0", lambda v: _int(v) and v >= -1),
     "eval_batch_size": POSITIVE_INT,
     "data.train_per_class": NON_NEGATIVE_INT,
     "data.val_per_class": NON_NEGATIVE_INT,

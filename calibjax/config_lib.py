@@ -44,7 +44,7 @@ def _convert(key: str, text: str, kind: type):
     raise ConfigError(f"preset '{key}={text}' is not a valid {kind.__name__}") from None
 
 
-# The top-level config entries each method reads (besides method, seed and distributed).
+# The top-level config entries each method reads (besides COMMON_KEYS).
 METHOD_BLOCKS = {
     "train": ("data", "model", "train", "loss", "augment", "calibration", "eval_batch_size"),
     "calibrate": ("calibrate", "calibration", "eval_batch_size"),
@@ -54,7 +54,7 @@ METHOD_BLOCKS = {
     "kd": ("data", "model", "train", "kd", "augment", "calibration", "eval_batch_size"),
     "analyze": ("analyze", "calibration", "eval_batch_size"),
 }
-COMMON_KEYS = ("method", "seed", "distributed")
+COMMON_KEYS = ("method", "seed", "distributed", "coordinator_address", "num_processes", "process_id")
 
 
 def check_blocks(config: ml_collections.ConfigDict) -> None:
@@ -76,7 +76,13 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = method
   c.seed = 0
-  c.distributed = False  # True: call jax.distributed.initialize() (multi-host; arguments auto-detected)
+  # Multi-process runs (calibjax.parallel.initialize_distributed): distributed=True calls
+  # jax.distributed.initialize(), which detects the three below on Slurm, Open MPI, Kubernetes and TPU pods;
+  # elsewhere give them: "host:port" of process 0, the process count, this process's index (0, -1: detected).
+  c.distributed = False
+  c.coordinator_address = ""
+  c.num_processes = 0
+  c.process_id = -1
   blocks = METHOD_BLOCKS[method]
   if "data" in blocks:
     c.data = data_config()

@@ -75,7 +75,7 @@ def main(argv):
     config_lib.check_blocks(config)
     config_check.check_values(config)
     core.check_workdir_path(_WORKDIR.value)
-    parallel.maybe_initialize_distributed(config.distributed)
+    parallel.initialize_distributed(config)
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     results = resolve_method(config.method)(config, _WORKDIR.value)
   except CalibjaxError as error:

@@ -7,6 +7,7 @@ every end-to-end test module.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,9 +28,30 @@ ENV = {**EXACT_ENV,
        "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))}
 
 
-def cli(*args, workdir, timeout=600):
+def cli(*args, workdir, timeout=600, devices=1):
+  """A CLI run; `devices` > 1 gives it that many fake CPU devices."""
+  env = ENV if devices == 1 else {
+      **ENV, "XLA_FLAGS": f"{ENV['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"}
   return subprocess.run([sys.executable, "-m", "calibjax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
-                        env=ENV, capture_output=True, text=True, timeout=timeout)
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_processes(*args, workdir, processes=2, timeout=600):
+  """One run as `processes` CPU processes joined by jax.distributed (a coordinator on a free localhost port);
+  returns their CompletedProcess-like results, process 0 first."""
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    port = probe.getsockname()[1]
+  commands = [[sys.executable, "-m", "calibjax.main", *args, f"--workdir={workdir}", "--config.distributed=True",
+               f"--config.coordinator_address=localhost:{port}", f"--config.num_processes={processes}",
+               f"--config.process_id={index}"] for index in range(processes)]
+  running = [subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for command in commands]
+  results = []
+  for command, process in zip(commands, running):
+    stdout, stderr = process.communicate(timeout=timeout)
+    results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+  return results
 
 
 def kill_after_checkpoint(args, *, workdir, step):
@@ -101,6 +123,24 @@ def test_train_smoke_run_writes_every_artifact(smoke_teacher):
 
 
 @pytest.mark.slow
+def test_two_processes_train_to_the_one_process_result(smoke_teacher, tmp_path):
+  workdir = str(tmp_path / "run")
+  for result in cli_processes("--config=configs/train.py:smoke", workdir=workdir):
+    assert result.returncode == 0, result.stderr[-3000:]
+  expected = read_json(os.path.join(smoke_teacher, "results.json"))
+  got, other = (read_json(os.path.join(workdir, *sub, "results.json")) for sub in ((), ("process_1",)))
+  assert got["manifest"]["processes"] == {"count": 2, "index": 0} and got["budget"]["devices"] == 2
+  assert other["manifest"]["processes"] == {"count": 2, "index": 1}
+  for stage in ("raw", "ts", "mts"):
+    assert other[stage] == got[stage]  # every process holds the same replicated results
+    assert got[stage]["accuracy"] == expected[stage]["accuracy"]
+    for metric in ("ece", "nll", "brier"):  # a batch split over 2 devices sums its gradient in another order
+      assert got[stage][metric] == pytest.approx(expected[stage][metric], rel=1e-4), (stage, metric)
+  assert read_metrics(workdir)[-1]["epoch"] == 2 and os.path.isdir(os.path.join(workdir, "checkpoints"))
+  assert not os.path.exists(os.path.join(workdir, "process_1", "checkpoints"))
+
+
+@pytest.mark.slow
 def test_train_without_per_epoch_validation(tmp_path):
   workdir = str(tmp_path / "run")
   result = cli("--config=configs/train.py:smoke", "--config.train.validate_each_epoch=False", "--quiet",
@@ -158,6 +198,11 @@ def test_missing_dataset(tmp_path):
 @pytest.mark.parametrize("args,fragments", [
     (["--config=configs/train.py:smoke", "--config.nonexistent=1"], ["unknown config key 'nonexistent'"]),
     (["--config=configs/train.py:smoke", "--config.train.epochs=abc"], ["--config.train.epochs=abc"]),
+    (["--config=configs/train.py:smoke", "--config.num_processes=2"],
+     ["num_processes only apply to a multi-process run", "--config.distributed=True"]),
+    (["--config=configs/train.py:smoke", "--config.distributed=True", "--config.num_processes=2",
+      "--config.process_id=2"], ["process_id=2 is not below num_processes=2"]),
+    (["--config=configs/train.py:smoke", "--config.process_id=-2"], ["process_id = -2 is not allowed"]),
     (["--config=configs/train.py:smokee"], ["unknown preset 'smokee'"]),
     (["--config=configs/train.py:smoke,model=resnet9000"], ["unknown model 'resnet9000'"]),
     (["--config=configs/train.py:smoke", "--config.method=distil"], ["unknown method 'distil'"]),

@@ -15,7 +15,7 @@ from calibjax.distill.synthetic import load_npz
 from calibjax.train import schedules
 from calibjax.train import step as step_lib
 from calibjax.train.ensemble import epoch_batches, make_ensemble_step
-from test_cli import assert_one_line_error, cli, kill_after_checkpoint, read_json, read_metrics
+from test_cli import assert_one_line_error, cli, cli_processes, kill_after_checkpoint, read_json, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,20 @@ def test_distill_smoke_other_methods(tmp_path, method):
 
 
 @pytest.mark.slow
+def test_two_processes_distil_the_one_process_set(distilled, tmp_path):
+  workdir = str(tmp_path / "dsa")
+  for result in cli_processes("--config=configs/distill.py:method=dsa,ipc=2,mdt=dynamic,smoke", workdir=workdir):
+    assert result.returncode == 0, result.stderr[-3000:]
+  expected, _, _ = load_npz(os.path.join(distilled, "synthetic.npz"))
+  got, _, _ = load_npz(os.path.join(workdir, "synthetic.npz"))
+  other, _, _ = load_npz(os.path.join(workdir, "process_1", "synthetic.npz"))
+  np.testing.assert_array_equal(other.images, got.images)
+  # Each process draws the same real batches and computes half of each; the gradient sums change order.
+  np.testing.assert_allclose(got.images, expected.images, rtol=1e-5, atol=1e-5)
+  assert read_json(os.path.join(workdir, "results.json"))["budget"]["devices"] == 2
+
+
+@pytest.mark.slow
 def test_killed_distillation_resumes_to_the_same_set(tmp_path):
   args = ["--config=configs/distill.py:method=dc,ipc=1,smoke,iterations=12"]
   reference = str(tmp_path / "uninterrupted")
@@ -69,12 +83,33 @@ def test_killed_distillation_resumes_to_the_same_set(tmp_path):
   assert strip(read_metrics(resumed)) == strip(read_metrics(reference))
 
 
-@pytest.mark.slow
-def test_evaluate_a_distilled_set(distilled, tmp_path):
-  workdir = str(tmp_path / "eval")
-  result = cli("--config=configs/evaluate.py:smoke", f"--config.evaluate.source={distilled}", workdir=workdir)
+def evaluate_distilled(distilled, workdir, devices=1):
+  result = cli("--config=configs/evaluate.py:smoke", f"--config.evaluate.source={distilled}", workdir=workdir,
+               devices=devices)
   assert result.returncode == 0, result.stderr[-3000:]
-  results = read_json(os.path.join(workdir, "results.json"))
+  return read_json(os.path.join(workdir, "results.json"))
+
+
+@pytest.fixture(scope="module")
+def evaluated(distilled, tmp_path_factory):
+  """The smoke evaluation (2 networks) of the `distilled` set on one device."""
+  return evaluate_distilled(distilled, str(tmp_path_factory.mktemp("evaluate") / "eval"))
+
+
+@pytest.mark.slow
+def test_evaluate_on_four_devices_splits_the_networks_and_reports_what_one_device_does(distilled, evaluated,
+                                                                                      tmp_path):
+  results = evaluate_distilled(distilled, str(tmp_path / "eval"), devices=4)
+  assert results["budget"]["devices_training"] == 2 and evaluated["budget"]["devices_training"] == 1
+  for got, expected in zip(results["per_network"], evaluated["per_network"], strict=True):
+    for stage in ("raw", "ts", "mts"):
+      assert got[stage]["accuracy"] == expected[stage]["accuracy"]
+      assert got[stage]["ece"] == pytest.approx(expected[stage]["ece"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_a_distilled_set(evaluated):
+  results = evaluated
   assert results["training_set"]["method"] == "dsa" and results["training_set"]["mdt"] == "dynamic"
   assert len(results["per_network"]) == 2 and results["budget"]["epochs"] == 5
   # The two networks start from different seeds, so they differ.

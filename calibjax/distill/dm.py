@@ -21,7 +21,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from calibjax import parallel
 from calibjax.distill import matching
 from calibjax.models import Network
 
@@ -61,12 +63,15 @@ def matching_loss(net: Network, config: DMConfig, images: jax.Array, params: Any
   return matching.classwise_loss(criterion, config, images, real, key, jnp.asarray(ratio, jnp.float32))
 
 
-def make_dm_iteration(net: Network, config: DMConfig) -> Callable[..., tuple[jax.Array, Any, dict]]:
+def make_dm_iteration(net: Network, config: DMConfig, *, mesh: Mesh | None = None
+                      ) -> Callable[..., tuple[jax.Array, Any, dict]]:
   """Builds the jitted DM iteration.
 
   Args:
     net: a stateless network with `embed` (the ConvNet).
     config: DM settings; `class_map="loop"` maps classes with a Python loop instead of vmap.
+    mesh: the devices (default: all): the real batches are split along their batch axis over them, as in
+      `calibjax.distill.gm` (the mean real embedding becomes an all-reduce), the rest replicated.
 
   Returns:
     `iteration(images, opt_state, key, real) -> (images, opt_state, metrics)`: images (C * ipc, H, W, ch)
@@ -79,14 +84,16 @@ def make_dm_iteration(net: Network, config: DMConfig) -> Callable[..., tuple[jax
   """
   matching.require_stateless(net)
   tx = matching.image_optimizer(config)
+  mesh = parallel.make_mesh() if mesh is None else mesh
 
   def iteration(images, opt_state, key, real: matching.RealPool):
     net_key, real_key, match_key, ratio_key = jax.random.split(key, 4)
     params, _ = net.init(net_key)
     ratio = matching.mdt_ratio(ratio_key, config)
-    batch = matching.sample_real(real_key, real, config.batch_real)
+    batch = parallel.split_along(matching.sample_real(real_key, real, config.batch_real), mesh, axis=1)
     images, opt_state, loss = matching.image_step(
         lambda x: matching_loss(net, config, x, params, batch, match_key, ratio), tx, images, opt_state)
     return images, opt_state, {"loss": loss / real.images.shape[0], "mdt_ratio": ratio}
 
-  return jax.jit(iteration, donate_argnums=(0, 1))
+  repl = parallel.replicated(mesh)
+  return jax.jit(iteration, in_shardings=repl, out_shardings=repl, donate_argnums=(0, 1))

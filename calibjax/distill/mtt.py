@@ -67,9 +67,11 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import optax
 
+from calibjax import parallel
 from calibjax.data.augment.dsa import DSAParams, dsa_augment
 from calibjax.data.prepare import Splits
 from calibjax.distill import buffer as buffer_lib
@@ -389,13 +391,19 @@ def update_log_lr(tx: optax.GradientTransformation, log_lr: jax.Array, grad_log_
   return log_lr + jnp.where(relative >= 0, jnp.log1p(jnp.maximum(relative, 0.0)), relative), opt_state
 
 
-def make_iteration(net: Network, config: MTTConfig, labels: jax.Array) -> Callable[..., tuple[dict, dict]]:
+def make_iteration(net: Network, config: MTTConfig, labels: jax.Array, *, mesh: Mesh | None = None
+                   ) -> Callable[..., tuple[dict, dict]]:
   """One MTT iteration `(carry, key, trajectories) -> (carry, metrics)`, not jitted.
 
   Args:
     net: a stateless network.
     config: MTT settings.
     labels: int32 (n,) class-major labels of the synthetic set.
+    mesh: with several devices, every student step's minibatch is split over them (the plan's batch axis), so
+      each device runs the forward / backward of its part and the partitioner all-reduces the student's
+      gradient inside the unroll (and the image gradient it sends back); the synthetic set, the expert draw and
+      the update are replicated. Same keys, same minibatches: the set equals a one-device run's up to the order
+      of floating-point sums.
 
   Returns:
     The iteration. carry = {"synset": SyntheticSet, "img_opt": image optimiser state, "lr_opt": lr optimiser
@@ -419,6 +427,8 @@ def make_iteration(net: Network, config: MTTConfig, labels: jax.Array) -> Callab
     target = jax.tree.map(lambda x: x[e, t + config.expert_epochs], trajectories)
     ratio = matching.mdt_ratio(ratio_key, config)
     plan = batch_plan(plan_key, n=n, batch=batch, steps=config.syn_steps)
+    plan = plan._replace(idx=parallel.split_along(plan.idx, mesh, axis=1),
+                         weight=parallel.split_along(plan.weight, mesh, axis=1))
     synset = carry["synset"]
     loss, (g_images, g_log_lr) = value_and_grad(net, config, synset.images, synset.log_lr, labels, start,
                                                 target, plan, ratio)
@@ -432,7 +442,7 @@ def make_iteration(net: Network, config: MTTConfig, labels: jax.Array) -> Callab
 
 
 def make_distiller(net: Network, config: MTTConfig, splits: Splits, trajectories: Any, *,
-                   init: str = "real") -> Distiller:
+                   init: str = "real", mesh: Mesh | None = None) -> Distiller:
   """The MTT `Distiller` over device-resident expert trajectories.
 
   Args:
@@ -442,10 +452,11 @@ def make_distiller(net: Network, config: MTTConfig, splits: Splits, trajectories
     trajectories: expert parameters, leaves (experts, snapshots, ...) with snapshots >= `config.snapshots`
       (host or device arrays; moved to the device once here).
     init: synthetic-set initialisation, "real" or "noise" (`calibjax.distill.synthetic.init_synthetic`).
+    mesh: the devices (default: all; `make_iteration` says what is split).
 
   Returns:
     A Distiller; `step` is jitted once, donates the carry, and takes the trajectories as an argument (a
-    closed-over buffer would be embedded in the compiled program as a constant).
+    closed-over buffer would be embedded in the compiled program as a constant), replicated over the mesh.
 
   Raises:
     ConfigError: the trajectories are shorter than `config.snapshots`, or batch_syn exceeds the set.
@@ -455,9 +466,12 @@ def make_distiller(net: Network, config: MTTConfig, splits: Splits, trajectories
     raise ConfigError(f"the buffer has {snapshots - 1} expert epochs, but max_start_epoch="
                       f"{config.max_start_epoch} and expert_epochs={config.expert_epochs} need "
                       f"{config.snapshots - 1}; lower them or build a longer buffer")
-  trajectories = jax.device_put(trajectories)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  repl = parallel.replicated(mesh)
+  trajectories = jax.device_put(trajectories, repl)
   labels = jnp.asarray(class_major_labels(splits.num_classes, config.ipc))
-  step = jax.jit(make_iteration(net, config, labels), donate_argnums=(0,))
+  step = jax.jit(make_iteration(net, config, labels, mesh=mesh), in_shardings=repl, out_shardings=repl,
+                 donate_argnums=(0,))
   tx_img, tx_lr = matching.image_optimizer(config), lr_optimizer(config)
 
   def init_carry(key):
@@ -480,7 +494,8 @@ def config_from(cfg: ml_collections.ConfigDict) -> MTTConfig:
                    unroll=m.unroll)
 
 
-def build_distiller(net: Network, cfg: ml_collections.ConfigDict, splits: Splits) -> Distiller:
+def build_distiller(net: Network, cfg: ml_collections.ConfigDict, splits: Splits, mesh: Mesh | None = None
+                    ) -> Distiller:
   """The `mtt` entry of `calibjax.distill.distillers.DISTILLERS`.
 
   Reads `cfg.ipc, init, lr_img, momentum, dsa_strategy, dsa_align_corners, mdt, mdt_ratio, mdt_granularity` and
@@ -499,4 +514,4 @@ def build_distiller(net: Network, cfg: ml_collections.ConfigDict, splits: Splits
   buffer = buffer_lib.load_buffer(cfg.mtt.buffer_dir, max_experts=cfg.mtt.max_experts or None,
                                   snapshots=config.snapshots)
   buffer_lib.check_compatible(buffer, net=net, splits=splits)
-  return make_distiller(net, config, splits, buffer.params, init=cfg.init)
+  return make_distiller(net, config, splits, buffer.params, init=cfg.init, mesh=mesh)

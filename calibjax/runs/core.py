@@ -1,7 +1,8 @@
 """The run core every method stands on: the workdir, the cadence of logs and checkpoints, resume, the progress bar
 and the results.
 
-A run's workdir holds config.json, metrics.jsonl, results.json, plots/ and checkpoints/:
+A run's workdir holds config.json, metrics.jsonl, results.json, plots/ and checkpoints/ (a multi-process run:
+process i > 0 writes its own files under process_<i>/; `Workdir`):
 
 - `Workdir` writes config.json on the first start and refuses to reopen the directory with a different config;
   writes of config.json and results.json are atomic; metrics.jsonl is append-only, and on resume the records
@@ -44,7 +45,11 @@ class Workdir:
   """
 
   def __init__(self, path: str, config: ml_collections.ConfigDict, *, keep_checkpoints: int = 2):
-    self.path = check_workdir_path(path)
+    root = check_workdir_path(path)
+    # A multi-process run: process 0 owns the workdir; process i > 0 keeps its own config, log, results and
+    # lock in process_<i>/ (the same numbers: every process holds the replicated results); the checkpoints are
+    # one set, written by all processes together (orbax).
+    self.path = root if jax.process_index() == 0 else os.path.join(root, f"process_{jax.process_index()}")
     try:
       self.plots = os.path.join(self.path, "plots")
       os.makedirs(self.plots, exist_ok=True)
@@ -54,7 +59,7 @@ class Workdir:
                         "writable directory") from None
     config_path = os.path.join(self.path, "config.json")
     config_dict = json.loads(config.to_json_best_effort())
-    checkpoint_dir = os.path.join(self.path, "checkpoints")
+    checkpoint_dir = os.path.join(root, "checkpoints")
     if os.path.exists(config_path):
       previous = _read_config(config_path)
       if previous != config_dict:

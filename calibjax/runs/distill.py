@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from calibjax import build, keys
+from calibjax import build, keys, parallel
 from calibjax.data.prepare import prepare
 from calibjax.distill.distillers import DISTILLERS
 from calibjax.distill.synthetic import export_npz, save_image_grid
@@ -26,7 +26,8 @@ from calibjax.runs import core
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg = config.distill
   splits = prepare(config.data, seed=config.seed)
-  distiller = DISTILLERS.get(cfg.method)(build.network(config.model, splits), cfg, splits)
+  mesh = parallel.make_mesh()
+  distiller = DISTILLERS.get(cfg.method)(build.network(config.model, splits), cfg, splits, mesh)
   run_dir = core.Workdir(workdir, config)
   steps_key = keys.stream(config.seed, "steps")
   seconds = []
@@ -38,7 +39,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     seconds.append(time.perf_counter() - start)
     return carry, lambda: {"seconds": seconds[-1], **core.scalars(metrics)}
 
-  carry = core.loop(run_dir, distiller.init(keys.stream(config.seed, "init")), iteration, total=cfg.iterations,
+  # Replicated over the mesh from the start: checkpoints of a multi-process run take only global arrays.
+  initial = parallel.replicate(distiller.init(keys.stream(config.seed, "init")), mesh)
+  carry = core.loop(run_dir, initial, iteration, total=cfg.iterations,
                     cadence=core.Cadence.from_config(cfg, "iteration"),
                     description=f"distill {cfg.method} ipc={cfg.ipc}")
   synset = jax.device_get(distiller.synset(carry))
@@ -54,7 +57,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "learned_lr": float(np.exp(synset.log_lr)),
              "seconds_first_iteration_this_process": seconds[0] if seconds else None,
              "seconds_per_iteration_median": float(np.median(seconds[1:])) if len(seconds) > 1 else None}
-  budget = {"iterations": cfg.iterations, "train_examples": len(splits.train_images), "seed": config.seed}
+  budget = {"iterations": cfg.iterations, "train_examples": len(splits.train_images), "seed": config.seed,
+            "devices": mesh.size}
   protocol = {"method": cfg.method, "ipc": cfg.ipc, "init": cfg.init, "mdt": cfg.mdt, "mdt_ratio": cfg.mdt_ratio,
               "model": config.model.name, "dsa_strategy": cfg.dsa_strategy, "zca": config.data.zca}
   return core.finish(run_dir, results, config=config, budget=budget, protocol=protocol)

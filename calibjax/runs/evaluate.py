@@ -11,7 +11,7 @@ reference's `Epoch + 1`) with the lr ×0.1 from pass `Epoch // 2 + 1` on, DSA au
 parameters) by default, test once at the end. The reference seeds its evaluation networks from the wall clock
 (DC) or with one fixed seed (the MTS fork); here network k's keys are entry k of each named stream split K ways,
 so every number is reproducible and the K networks differ. The K networks train together
-(`calibjax.train.ensemble`).
+(`calibjax.train.ensemble`), split over gcd(K, devices) devices (`parallel.mesh_dividing`).
 
 Calibration (`calibration.fit_on`, `calibjax.build.calibration_data`): by default TS and MTS are fitted where
 the MTS paper fits them for networks trained on distilled data, on a per-class 10 % split of the distilled set
@@ -67,14 +67,15 @@ def ensemble_objective(config: ml_collections.ConfigDict):
 
 
 def train_networks(run_dir: core.Workdir, config: ml_collections.ConfigDict, *, net, objective, images, targets,
-                   lr: float, num_classes: int):
+                   lr: float, num_classes: int, mesh):
   """Trains `config.evaluate.num_nets` networks together on (images, targets) with the `train` block's protocol
-  and `lr`, resuming from `run_dir`; returns their stacked train states."""
+  and `lr`, resuming from `run_dir`, split over `mesh` (`parallel.mesh_dividing`); returns their stacked train
+  states."""
   ev, train = config.evaluate, config.train
   n, batch = len(images), min(train.batch_size, len(images))
   tx = build.optimizer(train, steps_per_epoch=-(-n // batch), lr=lr)
   init, ensemble_step = make_ensemble_step(
-      net, objective, tx, batch_transform=make_batch_transform(config.augment, num_classes=num_classes))
+      net, objective, tx, batch_transform=make_batch_transform(config.augment, num_classes=num_classes), mesh=mesh)
   steps_keys, order_keys = (keys.streams(config.seed, name, ev.num_nets) for name in ("steps", "order"))
 
   def epoch(states, index, tick):
@@ -134,9 +135,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lr = learning_rate(config, synset)
   net = build.network(config.model, splits)
   objective = ensemble_objective(config)
+  networks_mesh = parallel.mesh_dividing(ev.num_nets, what="evaluate.num_nets")
   run_dir = core.Workdir(workdir, config)
   states = train_networks(run_dir, config, net=net, objective=objective, images=images, targets=targets, lr=lr,
-                          num_classes=splits.num_classes)
+                          num_classes=splits.num_classes, mesh=networks_mesh)
   n, batch = len(images), min(train.batch_size, len(images))
   mesh = parallel.make_mesh()
   predict_fn = step_lib.make_predict_fn(net, mesh)
@@ -163,7 +165,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   calibration = fitted[primary]["calibration_data"]
   budget = {"networks": ev.num_nets, "epochs": train.epochs, "lr": lr, "batch_size": batch, "train_examples": n,
             "val_examples": len(fits[0][3]), "test_examples": len(splits.test_images),
-            "seed": config.seed, "dsa": config.augment.dsa, "loss": config.loss.name, "mixing": config.augment.mixing}
+            "devices_training": networks_mesh.size, "seed": config.seed, "dsa": config.augment.dsa,
+            "loss": config.loss.name, "mixing": config.augment.mixing}
   protocol = {"training_set": described["method"], "ipc": described["ipc"], "epochs": train.epochs, "lr": lr,
               "augment": config.augment.to_dict(), "loss": config.loss.name, "calibrators_fitted_on": calibration,
               "also_fitted_on": [fitted[name]["calibration_data"] for name in others],

@@ -135,10 +135,11 @@ def jit_train_step(step, mesh: Mesh):
 
 
 def make_predict_fn(net: Network, mesh: Mesh):
-  """Returns a jitted `(params, model_state, images) -> logits` in inference mode, batch split over the mesh."""
+  """Returns a jitted `(params, model_state, images) -> logits` in inference mode, batch split over the mesh and
+  the logits gathered (replicated), so every process can read them."""
   repl, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
   return jax.jit(lambda params, model_state, images: net.apply(params, model_state, images, train=False)[0],
-                 in_shardings=(repl, repl, data), out_shardings=data)
+                 in_shardings=(repl, repl, data), out_shardings=repl)
 
 
 def predict(predict_fn, params, model_state, images: np.ndarray, *, batch_size: int, mesh: Mesh) -> np.ndarray:

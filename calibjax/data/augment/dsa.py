@@ -132,11 +132,12 @@ def affine_sample(images: jax.Array, theta: jax.Array, *, align_corners: bool) -
   # padding read zeros (grid_sample's zero padding); a neighbourhood wholly outside the padded image gets zero
   # weight. This is 4x fewer gather indices than gathering each corner (XLA's CPU gather cost is per index).
   reachable = (x0 >= -1) & (x0 < w) & (y0 >= -1) & (y0 < h)
+  # The image axis is a batching dimension of the gather (not an index into it), so a batch split over devices
+  # stays split: XLA's partitioner cannot see through explicit image indices and would gather the whole batch.
   padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  batch = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None, None], x0.shape)
-  starts = jnp.stack([batch, jnp.clip(y0 + 1, 0, h), jnp.clip(x0 + 1, 0, w)], axis=-1)
-  dims = lax.GatherDimensionNumbers(offset_dims=(3, 4, 5), collapsed_slice_dims=(0,),
-                                    start_index_map=(0, 1, 2))
+  starts = jnp.stack([jnp.clip(y0 + 1, 0, h), jnp.clip(x0 + 1, 0, w)], axis=-1)
+  dims = lax.GatherDimensionNumbers(offset_dims=(3, 4, 5), collapsed_slice_dims=(), start_index_map=(1, 2),
+                                    operand_batching_dims=(0,), start_indices_batching_dims=(0,))
   patches = lax.gather(padded, starts, dims, slice_sizes=(1, 2, 2, c), mode="promise_in_bounds")
   weight = jnp.stack([1.0 - fy, fy], -1)[..., :, None] * jnp.stack([1.0 - fx, fx], -1)[..., None, :]
   weight = jnp.where(reachable[..., None, None], weight, 0.0)
