@@ -10,9 +10,40 @@ default, and a bare word sets a boolean key to True. Unknown keys and values of 
 `ConfigError`, so a typo fails at once with one line instead of silently running the default.
 """
 
+import importlib.util
+
 import ml_collections
 
 from calibjax.errors import ConfigError
+
+
+def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The config of `spec` ("configs/x.py[:presets]", as `--config` takes it) with `overrides` ({"train.epochs":
+  5}, as `--config.train.epochs=5`) applied, locked: what the command line builds, for notebooks and scripts.
+
+  Raises:
+    ConfigError: the file cannot be loaded or has no get_config, or an override names a key it lacks.
+  """
+  path, _, arg = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("calibjax_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  except (OSError, AttributeError) as error:
+    raise ConfigError(f"cannot load the config file {path} ({error}); give configs/<file>.py[:presets]") from None
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} defines no get_config(arg=None) function returning its ConfigDict; see configs/")
+  config = module.get_config(arg or None)
+  for key, value in (overrides or {}).items():
+    parent, _, leaf = key.rpartition(".")
+    block = config
+    for part in filter(None, parent.split(".")):
+      block = block.get(part) if isinstance(block, ml_collections.ConfigDict) else None
+    if not isinstance(block, ml_collections.ConfigDict) or leaf not in block:
+      raise ConfigError(f"unknown config key {key} in the overrides (the config file defines its keys)")
+    block[leaf] = value
+  config.lock()
+  return config
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

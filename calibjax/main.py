@@ -43,6 +43,31 @@ def resolve_method(name: str):
   return getattr(importlib.import_module(module), function)
 
 
+def run(spec: str, workdir: str, overrides: dict | None = None, *, quiet: bool = False) -> dict:
+  """The command line as a function, for notebooks and scripts: `run("configs/train.py:smoke", "runs/t",
+  {"train.epochs": 3})` is `--config configs/train.py:smoke --workdir runs/t --config.train.epochs=3`; prints
+  the result table unless `quiet` and returns the results.
+
+  Raises:
+    CalibjaxError: bad input (the one line the command line prints before exiting with status 2).
+  """
+  config = config_lib.load(spec, overrides)
+  results = run_config(config, workdir)
+  if not quiet and jax.process_index() == 0:
+    print(summary.format_results(config.method, results, workdir=os.path.abspath(workdir)))
+  return results
+
+
+def run_config(config, workdir: str) -> dict:
+  """Checks a loaded config and runs its method in `workdir`; returns the results (no table)."""
+  config_lib.check_blocks(config)
+  config_check.check_values(config)
+  core.check_workdir_path(workdir)
+  parallel.initialize_distributed(config)
+  logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+  return resolve_method(config.method)(config, workdir)
+
+
 def _quiet_closed_loop_errors(hook):
   """Wraps an exception hook so that it drops RuntimeError("Event loop is closed"): after a failed checkpoint
   restore, tensorstore callbacks still in flight call into orbax's closed event loop from their threads; the
@@ -72,12 +97,7 @@ def main(argv):
   except Exception as error:  # an exception raised inside the file's get_config()
     _fail(_config_error_line(str(error)))
   try:
-    config_lib.check_blocks(config)
-    config_check.check_values(config)
-    core.check_workdir_path(_WORKDIR.value)
-    parallel.initialize_distributed(config)
-    logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-    results = resolve_method(config.method)(config, _WORKDIR.value)
+    results = run_config(config, _WORKDIR.value)
   except CalibjaxError as error:
     _fail(str(error))
   except KeyboardInterrupt:

@@ -96,6 +96,8 @@ def initialize_distributed(config) -> None:
       given["process_id"] >= given["num_processes"]:
     raise ConfigError(f"process_id={given['process_id']} is not below num_processes={given['num_processes']}; "
                       "number the processes 0 ... num_processes - 1")
+  if jax.distributed.is_initialized():  # a second run in the same process (a notebook)
+    return
   try:
     jax.distributed.initialize(**given)
   except (RuntimeError, ValueError) as error:
