@@ -220,9 +220,10 @@ def kd_protocol(dataset: str, *, model: str, epochs: int = 0) -> tuple[ml_collec
   default_epochs, train_per_class, val_per_class, batch_size, lr, _ = KD_PROTOCOLS.get(
       dataset, KD_PROTOCOLS["fashion_mnist"])
   epochs = epochs or default_epochs
+  # Milestones scaled to the epochs; at 4 epochs or fewer the late ones round onto the last epoch and are dropped.
+  scaled = (max(1, round(m * epochs / 240)) for m in REPDISTILLER_MILESTONES)
   train = train_config(epochs=epochs, batch_size=batch_size, lr=0.01 if model in KD_SMALL_LR_MODELS else lr,
-                       schedule="multistep",
-                       milestones=tuple(max(1, round(m * epochs / 240)) for m in REPDISTILLER_MILESTONES))
+                       schedule="multistep", milestones=tuple(m for m in scaled if m < epochs))
   return train, train_per_class, val_per_class
 
 

@@ -187,6 +187,9 @@ def test_train_protocol_kd_matches_the_kd_students_protocol():
   assert direct.train.lr == 0.01 and direct.train.milestones == (15, 18, 21)  # shufflev1: RepDistiller's lr
   fmnist = train_config.get_config("protocol=kd,model=wrn_40_2")
   assert (fmnist.train.epochs, fmnist.train.batch_size, fmnist.data.train_per_class) == (15, 128, 1000)
+  # A few epochs: the scaled milestones that round onto the last epoch are dropped (a valid schedule).
+  assert [train_config.get_config(f"protocol=kd,epochs={e}").train.milestones for e in (1, 3, 4, 5)] == [
+      (), (2, 2), (2, 3), (3, 4, 4)]
   assert train_config.get_config("").train.to_dict() == {  # protocol=dd, the default, is unchanged
       "epochs": 20, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
       "schedule": "half", "milestones": (), "checkpoint_every_epochs": 1, "validate_each_epoch": True}
