@@ -56,17 +56,12 @@ def _matching(make, config) -> tuple[dict, dict]:
     iteration = make(NET, config, mesh=mesh)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(C * IPC, H, H, 1)), jnp.float32)
     opt_state = matching.image_optimizer(config).init(x)
-    if name == "four" and hasattr(iteration, "lower"):
+    if name == "four":
       hlo = _hlo(iteration, x, opt_state, jax.random.key(5), pool, batch=BATCH_REAL)
     for i in range(2):
       x, opt_state, metrics = iteration(x, opt_state, jax.random.key(5 + i), pool)
     outputs[name] = {"images": x, "loss": metrics["loss"]}
   return outputs, hlo
-
-
-def check_dc_python():
-  return _matching(gm.make_gm_iteration, gm.GMConfig(method="dc", ipc=IPC, batch_real=BATCH_REAL, outer_loop=2,
-                                                     inner_loop=2, lr_img=1.0, loop_driver="python"))
 
 
 def check_dsa_mdt_scan():
