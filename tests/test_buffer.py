@@ -26,7 +26,7 @@ from calibjax.distill import mtt
 from calibjax.errors import CheckpointError, ConfigError
 from calibjax.train import step as step_lib
 from calibjax.train.checkpoint import Checkpointer
-from test_cli import EXACT_ENV
+from test_cli import ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = "smoke,epochs=3"
@@ -57,7 +57,7 @@ buffer.run(module.get_config(sys.argv[1]), sys.argv[2])
 
 def _run_buffer(workdir, kill_at=None):
   args = [sys.executable, "-c", _SCRIPT, PRESET, str(workdir)] + ([kill_at] if kill_at else [])
-  return subprocess.run(args, cwd=ROOT, env=EXACT_ENV, capture_output=True, text=True, timeout=600)
+  return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The session's compilation cache (conftest.py); the size limit turns on jax's file lock, which makes the
-# cache safe for concurrent subprocesses. EXACT_ENV compiles as a user's run does, for subprocesses whose
-# numbers are compared bit for bit with in-process computations; ENV, for every other CLI run, compiles with
-# LLVM optimisation level 0 (smoke runs compute little and compile much: a kd smoke run takes 20 instead of 33
-# CPU seconds here), and its results are compared only between runs compiled alike.
-EXACT_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-             "JAX_COMPILATION_CACHE_DIR": os.environ["CALIBJAX_TEST_XLA_CACHE"],
-             "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-ENV = {**EXACT_ENV,
-       "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))}
+# cache safe for concurrent subprocesses. XLA_FLAGS comes from conftest.py: subprocesses compile as the tests do.
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+       "JAX_COMPILATION_CACHE_DIR": os.environ["CALIBJAX_TEST_XLA_CACHE"],
+       "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def cli(*args, workdir, timeout=600, devices=1):

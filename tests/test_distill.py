@@ -50,24 +50,19 @@ REAL = matching.sample_real(jax.random.key(1), POOL, BATCH)
 SYN = jnp.asarray(np.random.default_rng(2).normal(size=(C * IPC, H, H, 1)), jnp.float32)
 
 
-# LLVM at -O0: the same XLA program (HLO), compiled 2-3x faster; these graphs are tiny, so run time is moot.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
 @functools.cache
 def _loss_and_grad(module, config):
   """Compiled value_and_grad of `module.matching_loss` w.r.t. the images; params, real, key, ratio traced."""
   def loss(images, params, real, key, ratio):
     return module.matching_loss(NET, config, images, params, real, key, ratio)
   jitted = jax.jit(jax.value_and_grad(loss, has_aux=True))
-  return jitted.lower(SYN, PARAMS, REAL, jax.random.key(0), 0.0).compile(_FAST_COMPILE)
+  return jitted.lower(SYN, PARAMS, REAL, jax.random.key(0), 0.0).compile()
 
 
 @functools.cache
 def _iteration_cache(make, config):
   iteration = make(NET, config)
-  return iteration.lower(SYN, matching.image_optimizer(config).init(SYN), jax.random.key(0), POOL).compile(
-      _FAST_COMPILE)
+  return iteration.lower(SYN, matching.image_optimizer(config).init(SYN), jax.random.key(0), POOL).compile()
 
 
 def _iteration(module, config):

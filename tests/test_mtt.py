@@ -41,19 +41,17 @@ _batch_plan = jax.jit(mtt.batch_plan, static_argnames=("n", "batch", "steps"))
 PLAN = _batch_plan(jax.random.key(3), n=N, batch=4, steps=STEPS)
 RATIO = jnp.float32(0.1)
 
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
 
 @functools.cache
 def _value_and_grad(config):
   fn = jax.jit(functools.partial(mtt.value_and_grad, NET, config))
-  return fn.lower(IMAGES, LOG_LR, LABELS, START, TARGET, PLAN, RATIO).compile(_FAST_COMPILE)
+  return fn.lower(IMAGES, LOG_LR, LABELS, START, TARGET, PLAN, RATIO).compile()
 
 
 @functools.cache
 def _unroll(config):
   fn = jax.jit(functools.partial(mtt.unroll_student, NET, config))
-  return fn.lower(START, IMAGES, LABELS, LOG_LR, PLAN, RATIO).compile(_FAST_COMPILE)
+  return fn.lower(START, IMAGES, LABELS, LOG_LR, PLAN, RATIO).compile()
 
 
 def _explicit(images, log_lr, *, detach_params=False):
@@ -70,7 +68,7 @@ def _explicit(images, log_lr, *, detach_params=False):
 @functools.cache
 def _explicit_value_and_grad(detach_params):
   fn = jax.jit(jax.value_and_grad(functools.partial(_explicit, detach_params=detach_params), argnums=(0, 1)))
-  return fn.lower(IMAGES, LOG_LR).compile(_FAST_COMPILE)
+  return fn.lower(IMAGES, LOG_LR).compile()
 
 
 def _cosine(a, b):
