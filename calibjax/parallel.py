@@ -87,7 +87,7 @@ def initialize_distributed(config) -> None:
            "num_processes": config.num_processes or None,
            "process_id": None if config.process_id < 0 else config.process_id}
   if not config.distributed:
-    named = [f"{key}" for key, value in given.items() if value is not None]
+    named = [key for key, value in given.items() if value is not None]
     if named:
       raise ConfigError(f"{', '.join(named)} only apply to a multi-process run; add --config.distributed=True "
                         "or remove them")
