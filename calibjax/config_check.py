@@ -80,7 +80,10 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "augment.mixup_alpha": POSITIVE,
     "augment.cutmix_alpha": POSITIVE,
     "augment.cutmix_prob": UNIT_CLOSED,
-    "augment.cutout_size": FRACTION,
+    # A fraction of the image side, or (a whole number ≥ 1) pixels: augment_config's two meanings.
+    "augment.cutout_size": Rule("a fraction of the image side in (0, 1] or a whole number of pixels",
+                                lambda v: _number(v) and (0 < v <= 1 or float(v).is_integer() and v >= 1)),
+    "augment.crop_padding": NON_NEGATIVE_INT,
     "calibration.n_bins": POSITIVE_INT,
     "calibration.mts_ratios": each(Rule("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1)),
     "calibration.split_fraction": FRACTION,

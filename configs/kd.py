@@ -39,9 +39,10 @@ Presets (`:key=value,...`):
 CIFAR-100 = the RepDistiller recipe: SGD momentum 0.9, wd 5e-4, batch 64, lr 0.05 (0.01 for mobilenetv2,
 shufflev1, shufflev2 students), 240 epochs, lr x0.1 at 150/180/210 (milestones scaled by epochs/240 when
 `epochs` is changed); 50 images per class held out as the validation split for TS/MTS (10 %, as
-CalibrationXferViaKD). Paper 004 trains with lr 0.1 and cosine annealing instead: add
-`--config.train.lr=0.1 --config.train.schedule=cosine`. calibjax has no crop-and-flip augmentation; DSA
-(`--config.augment.dsa=True`) is the base augmentation both networks see, if wanted.
+CalibrationXferViaKD); random crop with 4-pixel black padding + horizontal flip (`augment.crop_flip`, on for
+CIFAR-10 / CIFAR-100 as both papers' recipes; teacher and student see the same crop). Paper 004 trains with lr
+0.1 and cosine annealing instead: add `--config.train.lr=0.1 --config.train.schedule=cosine`. DSA
+(`--config.augment.dsa=True`) can be added to the base augmentation both networks see.
 
 Fashion-MNIST = the CPU budget: wrn_16_2 student (the zoo pair wrn_40_2 -> wrn_16_2 scaled to 28 px),
 1000 training images per class, 15 epochs, batch 128, lr 0.05 x0.1 at epochs 9/11/13 (the RepDistiller
@@ -114,6 +115,7 @@ def get_config(arg=None):
     c.train.milestones = ()
     if not preset.student:
       student = "resnet8"
+  c.augment.crop_flip = c.data.name in config_lib.KD_CROP_FLIP_DATASETS  # after smoke: digits are not flipped
   if student == "convnet":
     c.model.name = "convnet"  # keeps the base config's (or smoke's) ConvNet fields
   else:

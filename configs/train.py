@@ -49,4 +49,5 @@ def get_config(arg=None):
 
   if preset.smoke:
     config_lib.smoke(c, dataset=config_lib.smoke_dataset(preset.dataset))
+  c.augment.crop_flip = preset.protocol == "kd" and c.data.name in config_lib.KD_CROP_FLIP_DATASETS
   return c

@@ -16,7 +16,8 @@ PRESETS = {
     "quickstart": ["", "smoke"], "evaluate": ["", "smoke", "budget=cpu", "budget=cpu,smoke"],
     "distill": [f"method={m},ipc={i},budget={b}{s}" for m in ("dc", "dsa", "dm", "mtt") for i in (1, 10)
                 for b in ("cpu", "paper") for s in ("", ",smoke")],
-    "kd": ["", "smoke"], "buffer": ["", "smoke"], "calibrate": ["", "smoke"], "analyze": ["", "smoke"]}
+    "kd": ["", "smoke", "dataset=fashion_mnist"], "buffer": ["", "smoke"], "calibrate": ["", "smoke"],
+    "analyze": ["", "smoke"]}
 
 
 def _config(name, arg):
@@ -36,6 +37,8 @@ def test_every_value_the_code_accepts_passes():
   config_check.check_values(ml_collections.ConfigDict({"calibration": {
       "mts_target": "logits", "mts_granularity": "pixel", "ts_method": "lbfgs_reference",
       "mts_selection": "test_reference", "fit_on": "distilled_full"}}))
+  for cutout_size in (0.5, 1, 16):  # a fraction of the side, or pixels
+    config_check.check_values(ml_collections.ConfigDict({"augment": {"cutout_size": cutout_size}}))
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -51,6 +54,8 @@ def test_every_value_the_code_accepts_passes():
     ("distill.checkpoint_every_iterations", 0, "distill.checkpoint_every_iterations = 0"),
     ("kd.temperature", float("inf"), "kd.temperature = inf is not finite"),
     ("analyze.ood_dataset", "svhn_typo", "'' (none) or a dataset"),
+    ("augment.cutout_size", 2.5, "a fraction of the image side in (0, 1] or a whole number of pixels"),
+    ("augment.crop_padding", -1, "augment.crop_padding = -1 is not allowed: it must be an integer ≥ 0"),
 ])
 def test_a_value_outside_its_rule_is_refused_in_one_line(key, value, message):
   block, leaf = key.rsplit(".", 1)

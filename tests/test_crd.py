@@ -186,7 +186,7 @@ def crd_setup():
   images = np.asarray(jax.random.normal(jax.random.key(2), (n_data, 8, 8, 1)), np.float32)
   labels = np.arange(n_data) % num_classes
   transform = make_kd_batch_transform(teacher_apply, augment_config(), num_classes=num_classes,
-                                      teacher_features=True)
+                                      data_transforms={}, teacher_features=True)
   tx = optax.sgd(0.5)  # no weight decay: a parameter moves only if its gradient is non-zero
   objectives = {weight: make_kd_objective(_kd_cfg(weight), mixing="none", key=jax.random.key(3), net=student,
                                           teacher_apply=teacher_apply, train_images=images, train_labels=labels)

@@ -185,7 +185,8 @@ def test_vmapped_networks_train_as_if_alone():
   init_keys, step_keys, perm_keys = (jax.random.split(jax.random.key(i), 2) for i in range(3))
 
   def train(sel):
-    init, step = make_ensemble_step(net, ce, tx, batch_transform=make_batch_transform(augment, num_classes=3))
+    init, step = make_ensemble_step(net, ce, tx, batch_transform=make_batch_transform(augment, num_classes=3,
+                                                                                       data_transforms={}))
     states = init(init_keys[sel])
     for epoch in range(5):
       for idx in epoch_batches(perm_keys[sel], epoch, 6, 4):

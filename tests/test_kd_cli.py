@@ -64,23 +64,27 @@ def test_kd_then_scaled_kd_mixup_from_the_kd_student(tmp_path, smoke_teacher):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("presets, loss, mixing", [
-    ("recipe=kd_c,teacher_cal=mts", "cxkd", "none"),
-    ("recipe=reverse", "kd", "none"),
-    ("recipe=aug,mixing=cutout", "scaled_kd", "cutout"),
-    ("recipe=kd_uc,loss=rkd", "rkd", "none"),
+@pytest.mark.parametrize("presets, flags, loss, mixing", [
+    ("recipe=kd_c,teacher_cal=mts", (), "cxkd", "none"),
+    ("recipe=reverse", (), "kd", "none"),
+    ("recipe=aug,mixing=cutout", ("--config.augment.crop_flip=True", "--config.augment.crop_padding=1"), "scaled_kd",
+     "cutout"),
+    ("recipe=kd_uc,loss=rkd", (), "rkd", "none"),
 ])
-def test_every_recipe_runs_from_the_cli(tmp_path, smoke_teacher, presets, loss, mixing):
+def test_every_recipe_runs_from_the_cli(tmp_path, smoke_teacher, presets, flags, loss, mixing):
   """The recipes not run above, each with its own loss and mixing (a ConvNet student: the fastest compile).
   kd_uc is kd_c's code path with another teacher; CutMix's soft targets take mixup's path (run above), cutout's
-  integer labels their own."""
+  integer labels their own; paper 004's cutout recipe also with crop + flip (1 pixel of padding on 8-pixel digits,
+  as 4 on 32-pixel CIFAR)."""
   teacher = smoke_teacher
   workdir = str(tmp_path / "student")
-  result = cli(f"--config=configs/kd.py:smoke,student=convnet,{presets},teacher={teacher}", workdir=workdir)
+  result = cli(f"--config=configs/kd.py:smoke,student=convnet,{presets},teacher={teacher}", *flags,
+               workdir=workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   results = check_results(workdir, teacher)
   config = read_json(os.path.join(workdir, "config.json"))
   assert (config["kd"]["loss"], config["augment"]["mixing"]) == (loss, mixing)
+  assert config["augment"]["crop_flip"] == bool(flags)
   if "teacher_cal=mts" in presets:
     assert results["teacher"]["calibration_temperature"] == read_json(
         os.path.join(teacher, "results.json"))["mts"]["temperature"]
@@ -127,7 +131,7 @@ def test_teacher_sees_original_images(mixing):
   labels = jax.random.randint(key_y, (batch,), 0, num_classes)
   cfg = augment_config()
   cfg.mixing, cfg.cutout_size = mixing, 4
-  out = jax.jit(make_kd_batch_transform(teacher, cfg, num_classes=num_classes))(
+  out = jax.jit(make_kd_batch_transform(teacher, cfg, num_classes=num_classes, data_transforms={}))(
       key_step, {"images": images, "labels": labels})
 
   assert out["images"].shape == (2 * batch, 8, 8, 1) and out["labels"].shape == (2 * batch, num_classes)
@@ -138,6 +142,27 @@ def test_teacher_sees_original_images(mixing):
                              atol=1e-5)
   np.testing.assert_array_equal(out["labels"][:batch], jax.nn.one_hot(labels, num_classes))
   np.testing.assert_allclose(out["labels"].sum(-1), 1.0, rtol=1e-6)
+
+
+def test_teacher_and_student_see_the_same_crop_and_flip():
+  """With crop + flip and mixup, the originals both networks see are the cropped / flipped images; the student's
+  mixed copy mixes those, not the raw ones."""
+  num_classes, batch = 10, 8
+  key_t, key_x, key_y, key_step = jax.random.split(jax.random.key(3), 4)
+  teacher = _linear_teacher(key_t, num_classes)
+  images = jax.random.uniform(key_x, (batch, 8, 8, 1)) + 0.5
+  labels = jax.random.randint(key_y, (batch,), 0, num_classes)
+  cfg = augment_config()
+  cfg.mixing, cfg.crop_flip, cfg.crop_padding, cfg.mixup_alpha = "mixup", True, 2, 0.4
+  out = jax.jit(make_kd_batch_transform(teacher, cfg, num_classes=num_classes, data_transforms={}))(
+      key_step, {"images": images, "labels": labels})
+  originals = out["images"][:batch]
+  assert not np.allclose(originals, images)
+  assert np.all((np.asarray(originals) == 0) | (np.asarray(originals) >= 0.5))  # pixels or black padding
+  np.testing.assert_allclose(out["teacher_log_probs"], jax.nn.log_softmax(teacher(originals), -1), rtol=1e-5,
+                             atol=1e-5)
+  # Each mixed image is a convex combination of two originals: its padding (0) only where an original has it.
+  assert np.all(np.asarray(out["images"][batch:]) >= 0) and not np.allclose(out["images"][batch:], originals)
 
 
 def test_kd_loss_split_matches_hand_formula():

@@ -95,6 +95,15 @@ class Normalize:
     return cls(d["mean"], d["std"])
 
 
+def black_pixel(transforms: dict) -> np.ndarray:
+  """The input-space value (per channel, float32) of a black pixel (raw 0) after `transforms`, a
+  `Splits.transforms` dict: -mean / std after `normalize`, 0 without it. (ZCA has no per-pixel value.)"""
+  if "normalize" not in transforms:
+    return np.zeros((), np.float32)
+  normalize = Normalize.from_dict(transforms["normalize"])
+  return normalize.apply(np.zeros_like(normalize.mean))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ZCA:
   """ZCA whitening fitted on training images, as kornia's `ZCAWhitening` (used by the MTT reference).

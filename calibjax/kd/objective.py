@@ -3,7 +3,7 @@
 The teacher runs inside the student's jitted train step, through the step's batch transform
 (`make_kd_batch_transform`), which per step:
 
-  1. applies the base augmentation (DSA, if on) to the batch: this is the "original sample";
+  1. applies the base augmentation (crop + flip, DSA, where on) to the batch: this is the "original sample";
   2. computes the teacher's logits on it in inference mode (batch-norm running statistics, no dropout), divided
      by the teacher's own TS / MTS temperature when the run asks for a post-hoc calibrated teacher, and stores
      their log-softmax as the batch field "teacher_log_probs" (B, K) (log-probabilities change no softmax-based
@@ -101,22 +101,25 @@ def make_teacher_apply(teacher_net: Network, teacher_state: dict, *, temperature
 
 
 def make_kd_batch_transform(teacher_apply, augment_cfg: ml_collections.ConfigDict, *, num_classes: int,
-                            teacher_features: bool = False) -> step_lib.BatchTransform:
+                            data_transforms: dict, teacher_features: bool = False) -> step_lib.BatchTransform:
   """The step's batch transform: teacher outputs on the original sample, then mixing for the student only.
 
   Args:
     teacher_apply: `images -> logits` of the frozen teacher (inference mode), or `-> (logits, features)` with
       `teacher_features`.
-    augment_cfg: the run's `augment` config; DSA is the base augmentation both networks see, `mixing` is applied
-      to the student's copy only.
+    augment_cfg: the run's `augment` config; crop + flip and DSA are the base augmentation both networks see,
+      `mixing` is applied to the student's copy only.
     num_classes: K.
+    data_transforms: `Splits.transforms` of the training images (`make_batch_transform`).
     teacher_features: also add the teacher's penultimate features (for CRD, RKD).
 
   Returns:
     `(key, {"images", "labels" (B,) int, ...}) -> batch` with the fields of the module docstring.
   """
-  base = make_batch_transform(ml_collections.ConfigDict(dict(augment_cfg, mixing="none")), num_classes=num_classes)
-  mix = make_batch_transform(ml_collections.ConfigDict(dict(augment_cfg, dsa=False)), num_classes=num_classes)
+  base = make_batch_transform(ml_collections.ConfigDict(dict(augment_cfg, mixing="none")), num_classes=num_classes,
+                              data_transforms=data_transforms)
+  mix = make_batch_transform(ml_collections.ConfigDict(dict(augment_cfg, crop_flip=False, dsa=False)),
+                             num_classes=num_classes, data_transforms=data_transforms)
 
   def transform(key: jax.Array, batch: dict) -> dict:
     base_key, mix_key = jax.random.split(key)

@@ -183,7 +183,7 @@ def svd_truncation(config, run_dir) -> dict:
       states = evaluate.train_networks(
           core.Workdir(os.path.join(run_dir.path, f"truncated_{index}_k{k}"), config), source, net=net,
           objective=objective, images=jnp.asarray(images), targets=targets,
-          lr=evaluate.learning_rate(source, synset), num_classes=splits.num_classes,
+          lr=evaluate.learning_rate(source, synset), splits=splits,
           mesh=parallel.mesh_dividing(source.evaluate.num_nets, what="evaluate.num_nets"))
       accuracies = [float(np.mean(build.logits_fn(
           net, jax.tree.map(lambda leaf: leaf[n], states), parallel.make_mesh(), config.eval_batch_size,

@@ -49,7 +49,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   matching.require_stateless(net)  # MTT differentiates apply as a pure function of the parameters
   steps_per_epoch = build.steps_per_epoch(config.train, len(splits.train_images))
   tx = build.optimizer(config.train, steps_per_epoch=steps_per_epoch)
-  batch_transform = make_batch_transform(config.augment, num_classes=splits.num_classes)
+  batch_transform = make_batch_transform(config.augment, num_classes=splits.num_classes,
+                                         data_transforms=splits.transforms)
   predict_fn = step_lib.make_predict_fn(net, mesh)
   run_dir = core.Workdir(workdir, config)
   sig = buffer_lib.signature(net, splits)

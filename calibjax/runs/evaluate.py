@@ -67,15 +67,16 @@ def ensemble_objective(config: ml_collections.ConfigDict):
 
 
 def train_networks(run_dir: core.Workdir, config: ml_collections.ConfigDict, *, net, objective, images, targets,
-                   lr: float, num_classes: int, mesh):
-  """Trains `config.evaluate.num_nets` networks together on (images, targets) with the `train` block's protocol
-  and `lr`, resuming from `run_dir`, split over `mesh` (`parallel.mesh_dividing`); returns their stacked train
-  states."""
+                   lr: float, splits, mesh):
+  """Trains `config.evaluate.num_nets` networks together on (images, targets) — images in the space of `splits`
+  (its classes and transforms) — with the `train` block's protocol and `lr`, resuming from `run_dir`, split over
+  `mesh` (`parallel.mesh_dividing`); returns their stacked train states."""
   ev, train = config.evaluate, config.train
   n, batch = len(images), min(train.batch_size, len(images))
   tx = build.optimizer(train, steps_per_epoch=-(-n // batch), lr=lr)
   init, ensemble_step = make_ensemble_step(
-      net, objective, tx, batch_transform=make_batch_transform(config.augment, num_classes=num_classes), mesh=mesh)
+      net, objective, tx, batch_transform=make_batch_transform(config.augment, num_classes=splits.num_classes,
+                                                           data_transforms=splits.transforms), mesh=mesh)
   steps_keys, order_keys = (keys.streams(config.seed, name, ev.num_nets) for name in ("steps", "order"))
 
   def epoch(states, index, tick):
@@ -138,7 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   networks_mesh = parallel.mesh_dividing(ev.num_nets, what="evaluate.num_nets")
   run_dir = core.Workdir(workdir, config)
   states = train_networks(run_dir, config, net=net, objective=objective, images=images, targets=targets, lr=lr,
-                          num_classes=splits.num_classes, mesh=networks_mesh)
+                          splits=splits, mesh=networks_mesh)
   n, batch = len(images), min(train.batch_size, len(images))
   mesh = parallel.make_mesh()
   predict_fn = step_lib.make_predict_fn(net, mesh)

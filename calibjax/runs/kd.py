@@ -76,7 +76,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               cadence=core.Cadence.from_config(config.train, "epoch"),
               description=f"kd {teacher_config.model.name} -> {config.model.name}",
               batch_transform=kd_objective.make_kd_batch_transform(
-                  teacher_apply, config.augment, num_classes=splits.num_classes, teacher_features=uses_features),
+                  teacher_apply, config.augment, num_classes=splits.num_classes, data_transforms=splits.transforms,
+                  teacher_features=uses_features),
               end_of_epoch=validation(net, splits, mesh=mesh, batch_size=config.eval_batch_size))
   results = calibrate_and_report(
       logits_fn=build.logits_fn(net, state, mesh, config.eval_batch_size), val_images=calibration_images,

@@ -32,7 +32,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = fit(run_dir, net=net, objective=objective, tx=tx, images=splits.train_images, labels=splits.train_labels,
               epochs=config.train.epochs, batch_size=config.train.batch_size, seed=config.seed, mesh=mesh,
               cadence=core.Cadence.from_config(config.train, "epoch"), description=f"train {config.model.name}",
-              batch_transform=make_batch_transform(config.augment, num_classes=splits.num_classes),
+              batch_transform=make_batch_transform(config.augment, num_classes=splits.num_classes,
+                                                   data_transforms=splits.transforms),
               end_of_epoch=validation(net, splits, mesh=mesh, batch_size=config.eval_batch_size, update=update)
               if config.train.validate_each_epoch else None)
   results = calibrate_and_report(
