@@ -3,9 +3,9 @@
   python -m calibjax.main --config configs/train.py:dataset=fashion_mnist,epochs=20 --workdir runs/fmnist_convnet
 
 Presets (`:key=value,...`): dataset, model, epochs, loss (ce, label_smoothing, focal, flsd53, adafocal, mmce,
-mdca, focal_mdca, dca, logit_norm; its hyperparameters are then `--config.loss.hparams.*`), mixing (none, mixup,
-cutmix, cutout), dsa (DSA augmentation on), train_per_class (0 = the whole training split), batch_size (protocol
-dd), seed,
+mdca, focal_mdca, dca, logit_norm, mbls, acls; its hyperparameters are then `--config.loss.hparams.*`), mixing
+(none, mixup, cutmix, cutout), dsa (DSA augmentation on), train_per_class (0 = the whole training split),
+batch_size (protocol dd), seed,
 smoke (a tiny run for tests on scikit-learn's digits; finishes in seconds), protocol.
 protocol=dd (default): the dataset-distillation protocol for full-data ConvNets: SGD momentum 0.9, weight decay
 5e-4, lr 0.01, batch 256, lr ×0.1 after half the epochs, 20 epochs (epochs=0).

@@ -148,6 +148,19 @@ def test_train_without_per_epoch_validation(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loss, defaults", [("mbls", {"alpha": 0.1}),
+                                            ("acls", {"alpha": 0.1, "pos_lambda": 1.0, "neg_lambda": 0.1})])
+def test_margin_calibration_losses_train_from_the_cli(tmp_path, loss, defaults):
+  workdir = str(tmp_path / "run")
+  result = cli(f"--config=configs/train.py:smoke,loss={loss}", "--config.loss.hparams.margin=6", "--quiet",
+               workdir=workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  config = read_json(os.path.join(workdir, "config.json"))
+  assert config["loss"] == {"name": loss, "hparams": {**defaults, "margin": 6}}
+  assert read_json(os.path.join(workdir, "results.json"))["raw"]["accuracy"] > 0.5  # digits, 10 classes
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
   args = ["--config=configs/train.py:smoke", "--config.train.epochs=12", "--config.data.val_per_class=40"]
   reference = str(tmp_path / "uninterrupted")

@@ -40,7 +40,9 @@ def _call(name, logits, labels, reduction, **hparams):
 
 def test_registry_names_and_defaults():
   assert losses.LOSSES.names() == sorted(["ce", "label_smoothing", "focal", "flsd53", "adafocal", "mmce",
-                                          "mdca", "focal_mdca", "dca", "logit_norm"])
+                                          "mdca", "focal_mdca", "dca", "logit_norm", "mbls", "acls"])
+  assert losses.LOSSES.get("mbls").defaults == {"margin": 10.0, "alpha": 0.1}
+  assert losses.LOSSES.get("acls").defaults == {"margin": 10.0, "alpha": 0.1, "pos_lambda": 1.0, "neg_lambda": 0.1}
   assert losses.LOSSES.get("focal").defaults == {"gamma": 1.0}
   assert losses.LOSSES.get("flsd53").defaults == {"gamma": 3.0}
   assert losses.LOSSES.get("mmce").defaults == {"beta": 2.0}
@@ -238,7 +240,8 @@ def test_one_hot_targets_equal_integer_labels(name):
                              rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ce", "label_smoothing", "focal", "flsd53", "adafocal", "logit_norm"])
+@pytest.mark.parametrize("name", ["ce", "label_smoothing", "focal", "flsd53", "adafocal", "logit_norm", "mbls",
+                                  "acls"])
 def test_per_sample_losses_are_linear_in_the_target(name):
   logits, labels = _random_batch(7)
   other = np.roll(labels, 1)
@@ -315,3 +318,39 @@ def test_label_shape_mismatch_raises():
     losses.cross_entropy(logits=LOGITS_A, labels=np.zeros((2, 4), np.float32))
   with pytest.raises(ConfigError, match="labels of shape"):
     losses.cross_entropy(logits=LOGITS_A, labels=np.zeros((2,), np.float32))
+
+
+# Two samples, margin 10: sample 0 has logit distances 15 and 13 to its max (beyond the margin), sample 1 none.
+MARGIN_LOGITS = np.array([[15.0, 0.0, 2.0], [1.0, 2.0, 3.0]], np.float32)
+MARGIN_LABELS = np.array([0, 2])
+
+
+def _regulariser(name, logits):
+  """The loss minus its cross-entropy: the margin term alone."""
+  return (losses.make_loss(name)(logits, MARGIN_LABELS)
+          - losses.cross_entropy(logits=logits, labels=MARGIN_LABELS))
+
+
+def test_mbls_hand_value_and_gradient_through_the_max():
+  # relu(d - 10) = (0, 5, 3) and (0, 0, 0): mean over the 6 entries 8 / 6, times alpha 0.1.
+  np.testing.assert_allclose(_regulariser("mbls", MARGIN_LOGITS), 0.1 * 8 / 6, rtol=1e-5)
+  grad = jax.grad(lambda z: _regulariser("mbls", z))(MARGIN_LOGITS)
+  # The max logit gains 0.1 / 6 per class beyond the margin (two of them), each such class loses 0.1 / 6.
+  np.testing.assert_allclose(grad, 0.1 / 6 * np.array([[2.0, -1.0, -1.0], [0.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_acls_hand_value_and_its_stopped_max():
+  # pos: relu(15 - 10)^2 = 25 (sample 0), 0 (sample 1); neg: (25 + 9) / (K - 1 = 2) = 17, and 0.
+  # Averaged: 1.0 * 25 / 2 + 0.1 * 17 / 2 = 13.35; times alpha 0.1.
+  np.testing.assert_allclose(_regulariser("acls", MARGIN_LOGITS), 0.1 * 13.35, rtol=1e-5)
+  grad = jax.grad(lambda z: _regulariser("acls", z))(MARGIN_LOGITS)
+  # d/dz_00 = 0.1 * 2 * 5 / 2 (pos only: the neg term's max is stopped); d/dz_01 = -0.1 * 0.1 * 2 * 5 / 2 / 2,
+  # d/dz_02 = -0.1 * 0.1 * 2 * 3 / 2 / 2.
+  np.testing.assert_allclose(grad, [[0.5, -0.025, -0.015], [0.0, 0.0, 0.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mbls", "acls"])
+def test_margin_losses_are_cross_entropy_within_the_margin(name):
+  logits, labels = _random_batch(5)  # logits of a few units: every distance is below the margin of 10
+  np.testing.assert_allclose(losses.make_loss(name)(logits, labels),
+                             losses.cross_entropy(logits=logits, labels=labels), rtol=1e-6)

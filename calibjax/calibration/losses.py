@@ -1,4 +1,5 @@
-"""Train-time calibration losses: label smoothing, focal, FLSD-53, AdaFocal, MMCE, MDCA, DCA and LogitNorm.
+"""Train-time calibration losses: label smoothing, focal, FLSD-53, AdaFocal, MMCE, MDCA, DCA, LogitNorm, MbLS and
+ACLS.
 
 Conventions shared by every loss here:
 
@@ -464,6 +465,63 @@ def logit_norm_ce(*, logits: jax.Array, labels: jax.Array, tau: float = 0.04,
   return cross_entropy(logits=logits / (tau * norms), labels=targets, reduction=reduction)
 
 
+def margin_ls(*, logits: jax.Array, labels: jax.Array, margin: float = 10.0, alpha: float = 0.1,
+              reduction: str = "mean") -> jax.Array:
+  """Margin-based label smoothing, MbLS (Liu et al., CVPR 2022): cross-entropy plus a linear penalty on logit
+  distances to the max logit beyond a margin.
+
+  Per sample: CE + alpha * (1/K) sum_k max(0, max_j z_j - z_k - margin) (the reference averages the penalty over
+  the batch and the K classes; defaults margin 10, alpha 0.1 as its CIFAR runs). The gradient flows through the
+  max logit too (it is not detached).
+
+  Args:
+    logits: (B, K).
+    labels: integer (B,) or targets (B, K) (the penalty does not depend on them).
+    margin: the logit distance allowed without penalty.
+    alpha: weight of the penalty.
+    reduction: "mean" | "sum" | "none".
+
+  Returns:
+    A scalar, or (B,) for reduction="none".
+  """
+  logits, targets = _prepare(logits, labels)
+  distances = jnp.max(logits, axis=-1, keepdims=True) - logits
+  penalty = jnp.mean(jax.nn.relu(distances - margin), axis=-1)
+  return apply_reduction(cross_entropy(logits=logits, labels=targets, reduction="none") + alpha * penalty,
+                         reduction)
+
+
+def acls(*, logits: jax.Array, labels: jax.Array, margin: float = 10.0, alpha: float = 0.1, pos_lambda: float = 1.0,
+         neg_lambda: float = 0.1, reduction: str = "mean") -> jax.Array:
+  """Adaptive and conditional label smoothing, ACLS (Park et al., ICCV 2023): cross-entropy plus alpha times a
+  squared-hinge regulariser that treats the predicted class and the others apart.
+
+  Per sample, with z* = max_k z_k (the predicted class, indicator 1 where z_k equals it) and sg() a stopped
+  gradient: pos = (1 / 1) * relu(z* - margin)^2 on the max logit (pulled down once above the margin) and
+  neg = 1/(K-1) * sum over the other classes of relu(sg(z*) - z_k - margin)^2 (pulled up when further than the
+  margin below the max, without moving the max); the loss is CE + alpha * (pos_lambda * pos + neg_lambda * neg).
+  The reference normalises by B and B(K-1) over the batch, which is this per-sample form averaged. Defaults as
+  the reference: margin 10, alpha 0.1, pos_lambda 1, neg_lambda 0.1.
+
+  Args:
+    logits: (B, K).
+    labels: integer (B,) or targets (B, K) (the regulariser does not depend on them).
+    margin, alpha, pos_lambda, neg_lambda: as above.
+    reduction: "mean" | "sum" | "none".
+
+  Returns:
+    A scalar, or (B,) for reduction="none".
+  """
+  logits, targets = _prepare(logits, labels)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  is_top = (jax.lax.stop_gradient(logits) == top).astype(logits.dtype)
+  pos = jnp.sum(is_top * jax.nn.relu(logits - margin) ** 2, axis=-1)
+  neg = jnp.sum((1 - is_top) * jax.nn.relu(top - logits - margin) ** 2, axis=-1) / (logits.shape[-1] - 1)
+  regulariser = pos_lambda * pos + neg_lambda * neg
+  return apply_reduction(cross_entropy(logits=logits, labels=targets, reduction="none") + alpha * regulariser,
+                         reduction)
+
+
 class Loss(NamedTuple):
   """A registered loss.
 
@@ -489,7 +547,8 @@ def _register(name: str, fn: Callable[..., jax.Array]) -> None:
 
 for _name, _fn in (("ce", cross_entropy), ("label_smoothing", label_smoothing_ce), ("focal", focal),
                    ("flsd53", flsd53), ("adafocal", adafocal), ("mmce", ce_mmce), ("mdca", ce_mdca),
-                   ("focal_mdca", focal_mdca), ("dca", ce_dca), ("logit_norm", logit_norm_ce)):
+                   ("focal_mdca", focal_mdca), ("dca", ce_dca), ("logit_norm", logit_norm_ce), ("mbls", margin_ls),
+                   ("acls", acls)):
   _register(_name, _fn)
 
 
@@ -498,7 +557,7 @@ def make_loss(name: str, **hparams: Any) -> Callable[..., jax.Array]:
 
   Args:
     name: a name in `LOSSES` ("ce", "label_smoothing", "focal", "flsd53", "adafocal", "mmce", "mdca",
-      "focal_mdca", "dca", "logit_norm").
+      "focal_mdca", "dca", "logit_norm", "mbls", "acls").
     **hparams: overrides of `LOSSES.get(name).defaults`, plus `reduction` ("mean", the default, or "sum";
       "sum" reproduces the official AdaFocal and FLSD scale).
 
