@@ -257,8 +257,8 @@ def test_missing_dataset_names_every_place(tmp_path):
 
 
 def test_unknown_names():
-  with pytest.raises(UnknownNameError, match="fashion_mnist.*mnist.*tfds:"):
-    data.load("tiny_imagenet", "train")
+  with pytest.raises(UnknownNameError, match="fashion_mnist.*mnist.*tiny_imagenet.*tfds:.*folder:"):
+    data.load("tiny_imagenet_v2", "train")
   with pytest.raises(UnknownNameError, match="catalog"):
     data.load("tfds:not_a_tfds_dataset_xyz", "train")
   with pytest.raises(ConfigError, match="train, test"):

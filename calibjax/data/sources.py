@@ -1,4 +1,5 @@
-"""Dataset sources: local IDX files, CIFAR python pickles, tensorflow-datasets, scikit-learn digits.
+"""Dataset sources: local IDX files, CIFAR python pickles, image folders, the CIFAR-C arrays, tensorflow-datasets,
+scikit-learn digits.
 
 `load(name, split)` returns a `Dataset` of host numpy arrays: images float32 NHWC in [0, 1], labels int32.
 Each dataset lists its sources; they are tried in this order and the first that has the dataset wins:
@@ -22,7 +23,16 @@ Each dataset lists its sources; they are tried in this order and the first that 
    needs no TensorFlow; data prepared in the tfrecord format is read through `builder.as_dataset` only where
    `tensorflow` is importable (e.g. Colab). A `test` request falls back to the `validation` split when the
    dataset has no `test` split, and `Dataset.source` says so.
-4. **scikit-learn** -- `digits` (8x8x1, pixel values / 16, 10 classes; bundled with scikit-learn, so always
+4. **Image folders** (PNG, JPEG, ...; decoded with Pillow, all of one size) -- `cinic10`: the official archive
+   extracted, `CINIC-10/{train,test}/<class>/*.png` (its `valid/` is not read); `tiny_imagenet`:
+   `tiny-imagenet-200/` as released (train/<wnid>/images, val/images + val_annotations.txt; 'test' is the
+   labelled val set); any `folder:<path>` in torchvision's ImageFolder layout (`<path>/train/<class>/...`,
+   `<path>/test/<class>/...` or `val/`; classes numbered in sorted folder order). Named datasets lie under
+   `data_dir`, else `$CALIBJAX_DATA_DIR`.
+5. **CIFAR-C arrays** -- `cifar10_c:<corruption>:<severity>` and `cifar100_c:...` (test only): the official
+   `CIFAR-10-C/<corruption>.npy` (the test set at severities 1-5, stacked) and `labels.npy`; CIFAR-10-C also
+   from tfds' `cifar10_corrupted`.
+6. **scikit-learn** -- `digits` (8x8x1, pixel values / 16, 10 classes; bundled with scikit-learn, so always
    available): a stratified split with 1/4 of each class in `test`, drawn by
    `calibjax.data.sampling.split_per_class(val_fraction=0.25, seed=0)`.
 
@@ -409,6 +419,196 @@ class SklearnDigits:
                     "sklearn.datasets.load_digits, stratified split: 1/4 of each class in test, seed 0")
 
 
+# ------------------------------------------------------------------------------------------- image folders
+
+
+def _data_root(data_dir: str | None) -> tuple[str | None, str]:
+  """The directory a named dataset's folder lies in: data_dir, else $CALIBJAX_DATA_DIR (and how it was chosen)."""
+  if data_dir is not None:
+    return data_dir, "data_dir"
+  return os.environ.get("CALIBJAX_DATA_DIR") or None, "$CALIBJAX_DATA_DIR"
+
+
+def read_images(paths: list[str], *, mode: str) -> np.ndarray:
+  """Decodes image files (PNG, JPEG, ...) to uint8 (N, H, W, C) in PIL `mode` ("RGB" or "L"), several at a time.
+
+  Raises:
+    DatasetNotFoundError: a file cannot be decoded, or the images differ in size (one line naming the file).
+  """
+  from concurrent.futures import ThreadPoolExecutor
+
+  from PIL import Image, UnidentifiedImageError
+
+  def decode(path):
+    try:
+      with Image.open(path) as image:
+        return np.asarray(image.convert(mode))
+    except (OSError, UnidentifiedImageError) as error:
+      raise DatasetNotFoundError(f"{path} cannot be decoded as an image ({error}); replace or remove it") from None
+
+  with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    images = list(pool.map(decode, paths))
+  if not images:
+    return np.zeros((0, 1, 1, 3 if mode == "RGB" else 1), np.uint8)
+  for path, image in zip(paths, images):
+    if image.shape != images[0].shape:
+      raise DatasetNotFoundError(f"{path} is {image.shape[:2]} but {paths[0]} is {images[0].shape[:2]}: the "
+                                 "images of a folder dataset must share one size; resize them first")
+  stacked = np.stack(images)
+  return stacked[..., None] if stacked.ndim == 3 else stacked
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _image_files(directory: str) -> list[str]:
+  return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                if f.lower().endswith(_IMAGE_SUFFIXES) and not f.startswith("."))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolders:
+  """torchvision's ImageFolder layout, one folder per split: `<root>/<split dir>/<class name>/<image files>`;
+  classes are the sorted class folder names, as ImageFolder numbers them.
+
+  Attributes:
+    dirname: the dataset's folder under data_dir / $CALIBJAX_DATA_DIR (e.g. 'CINIC-10'); '' when `root` is given.
+    split_dirs: (split, candidate folder names) pairs; the first folder present serves the split (e.g. test
+      from 'test', else 'val').
+    mode: PIL mode the images are converted to ('RGB', or 'L' for one channel).
+    root: a folder named directly (the `folder:<path>` datasets), searched instead of data_dir.
+  """
+
+  dirname: str
+  split_dirs: tuple[tuple[str, tuple[str, ...]], ...] = (("train", ("train",)), ("test", ("test", "val")))
+  mode: str = "RGB"
+  root: str = ""
+
+  def find(self, name: str, split: str, data_dir: str | None, looked: list[str]) -> Hashable | None:
+    if self.root:
+      base, why = self.root, "folder: path"
+    else:
+      root, why = _data_root(data_dir)
+      if root is None:
+        looked.append(f"{self.dirname}/ under $CALIBJAX_DATA_DIR (not set)")
+        return None
+      base = os.path.join(root, self.dirname)
+    for candidate in dict(self.split_dirs)[split]:
+      directory = os.path.join(base, candidate)
+      if os.path.isdir(directory) and any(os.path.isdir(os.path.join(directory, c)) for c in os.listdir(directory)):
+        return os.path.realpath(directory)
+    looked.append(f"class folders in {base}/{{{','.join(dict(self.split_dirs)[split])}}} ({why})")
+    return None
+
+  def read(self, split: str, location: Hashable) -> RawSplit:
+    classes = sorted(c for c in os.listdir(location) if os.path.isdir(os.path.join(location, c)))
+    paths, labels = [], []
+    for index, class_name in enumerate(classes):
+      files = _image_files(os.path.join(location, class_name))
+      paths += files
+      labels += [index] * len(files)
+    images = read_images(paths, mode=self.mode)
+    return RawSplit(_to_unit_float(images, 255), np.asarray(labels, np.int64), tuple(classes),
+                    f"image folders in {location} ({len(classes)} classes)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyImageNetFolder:
+  """The official Tiny ImageNet archive extracted (`tiny-imagenet-200/`): `wnids.txt`, `words.txt`,
+  `train/<wnid>/images/*.JPEG` and `val/images/*.JPEG` labelled by `val/val_annotations.txt` (file, wnid, box).
+
+  The 'test' split is the labelled official validation set (the official test images have no labels), as the
+  papers report. Classes are the sorted wnids (ImageFolder's numbering of train/), named by their first WordNet
+  lemma in words.txt; 64 x 64 RGB (the few greyscale JPEGs are converted).
+  """
+
+  dirname: str = "tiny-imagenet-200"
+
+  def find(self, name: str, split: str, data_dir: str | None, looked: list[str]) -> Hashable | None:
+    root, why = _data_root(data_dir)
+    if root is None:
+      looked.append(f"{self.dirname}/ under $CALIBJAX_DATA_DIR (not set)")
+      return None
+    directory = os.path.join(root, self.dirname)
+    needed = ("wnids.txt", "train") if split == "train" else ("wnids.txt", "val/val_annotations.txt", "val/images")
+    if all(os.path.exists(os.path.join(directory, n)) for n in needed):
+      return os.path.realpath(directory)
+    looked.append(f"{directory} ({why})")
+    return None
+
+  def read(self, split: str, location: Hashable) -> RawSplit:
+    with open(os.path.join(location, "wnids.txt")) as f:
+      wnids = sorted(line.strip() for line in f if line.strip())
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    words = {}
+    if os.path.isfile(os.path.join(location, "words.txt")):
+      with open(os.path.join(location, "words.txt")) as f:
+        words = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+    if split == "train":
+      pairs = [(path, index[wnid]) for wnid in wnids
+               for path in _image_files(os.path.join(location, "train", wnid, "images"))]
+    else:
+      with open(os.path.join(location, "val", "val_annotations.txt")) as f:
+        rows = [line.split("\t") for line in f if line.strip()]
+      unknown = sorted({row[1] for row in rows} - set(index))
+      if unknown:
+        raise DatasetNotFoundError(f"val/val_annotations.txt in {location} names wnids not in wnids.txt "
+                                   f"({', '.join(unknown[:3])}); replace the archive's files")
+      pairs = sorted((os.path.join(location, "val", "images", row[0]), index[row[1]]) for row in rows)
+    images = read_images([path for path, _ in pairs], mode="RGB")
+    names = tuple(words.get(wnid, wnid).split(",")[0].strip() for wnid in wnids)
+    return RawSplit(_to_unit_float(images, 255), np.asarray([label for _, label in pairs], np.int64), names,
+                    f"Tiny ImageNet folders in {location} ({'train' if split == 'train' else 'val, as test'})")
+
+
+# The corruptions of CIFAR-10-C / CIFAR-100-C (Hendrycks & Dietterich, ICLR 2019): 15 benchmark ones, then 4 extra.
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+               "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate")
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class CorruptedNpy:
+  """The official CIFAR-10-C / CIFAR-100-C release extracted: `<dirname>/<corruption>.npy`, uint8 (5 N, 32, 32, 3),
+  the N test images at severity 1, then 2, ... 5, and `labels.npy` (5 N,). A test split only.
+
+  Attributes:
+    dirname: 'CIFAR-10-C' or 'CIFAR-100-C'.
+    corruption: one of `CORRUPTIONS`.
+    severity: 1 ... 5.
+  """
+
+  dirname: str
+  corruption: str
+  severity: int
+
+  def find(self, name: str, split: str, data_dir: str | None, looked: list[str]) -> Hashable | None:
+    root, why = _data_root(data_dir)
+    if root is None:
+      looked.append(f"{self.dirname}/ under $CALIBJAX_DATA_DIR (not set)")
+      return None
+    directory = os.path.join(root, self.dirname)
+    if split == "train":
+      looked.append(f"{self.dirname} (a test split only: train on the clean dataset)")
+      return None
+    if all(os.path.isfile(os.path.join(directory, f)) for f in (f"{self.corruption}.npy", "labels.npy")):
+      return os.path.realpath(directory)
+    looked.append(f"{self.corruption}.npy and labels.npy in {directory} ({why})")
+    return None
+
+  def read(self, split: str, location: Hashable) -> RawSplit:
+    images = np.load(os.path.join(location, f"{self.corruption}.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(location, "labels.npy"))
+    if images.ndim != 4 or len(images) != len(labels) or len(images) % len(SEVERITIES):
+      raise DatasetNotFoundError(f"{location}/{self.corruption}.npy {images.shape} and labels.npy {labels.shape} "
+                                 "are not 5 stacked severities of one labelled test set; replace them")
+    per = len(images) // len(SEVERITIES)
+    rows = slice((self.severity - 1) * per, self.severity * per)
+    return RawSplit(_to_unit_float(np.asarray(images[rows]), 255), labels[rows], None,
+                    f"{location}/{self.corruption}.npy, severity {self.severity}")
+
+
 # --------------------------------------------------------------------------------------------------- registry
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -443,24 +643,62 @@ DATASETS.register("cifar100")(DatasetSpec(
     fix=_CIFAR_FIX.format("cifar100")))
 DATASETS.register("digits")(DatasetSpec(sources=(SklearnDigits(),), fix="pip install scikit-learn",
                                          class_names=DIGIT_CLASSES))
+DATASETS.register("cinic10")(DatasetSpec(
+    sources=(ImageFolders("CINIC-10", split_dirs=(("train", ("train",)), ("test", ("test",)))),),
+    fix="extract the official CINIC-10 archive (https://datashare.ed.ac.uk/handle/10283/3192) into "
+        "$CALIBJAX_DATA_DIR/CINIC-10 (train/, valid/, test/ with one folder per class)"))
+DATASETS.register("tiny_imagenet")(DatasetSpec(
+    sources=(TinyImageNetFolder(),),
+    fix="extract the official archive (http://cs231n.stanford.edu/tiny-imagenet-200.zip) into $CALIBJAX_DATA_DIR"))
 # ImageNette at 128x128 as the MTT ImageNet subsets (resize + centre crop); any prepared size variant will do.
 DATASETS.register("imagenette")(DatasetSpec(
     sources=tuple(Tfds(f"imagenette/{config}", image_size=128) for config in ("160px", "320px", "full-size")),
     fix=_TFDS_FIX.format("imagenette/160px")))
 
 
+def _corrupted_spec(name: str) -> DatasetSpec:
+  """'cifar10_c:<corruption>:<severity>' / 'cifar100_c:...': the official .npy release, then (CIFAR-10-C) tfds."""
+  base, _, rest = name.partition(":")
+  corruption, _, severity = rest.partition(":")
+  if corruption not in CORRUPTIONS or severity not in tuple(str(s) for s in SEVERITIES):
+    raise UnknownNameError(f"dataset '{name}' must be {base}:<corruption>:<severity 1-5> with a corruption of: "
+                           f"{', '.join(CORRUPTIONS)}")
+  dirname = {"cifar10_c": "CIFAR-10-C", "cifar100_c": "CIFAR-100-C"}[base]
+  sources = (CorruptedNpy(dirname, corruption, int(severity)),)
+  if base == "cifar10_c":
+    sources += (Tfds(f"cifar10_corrupted/{corruption}_{severity}"),)
+  return DatasetSpec(sources=sources, class_names=CIFAR10_CLASSES if base == "cifar10_c" else
+                     tuple(str(k) for k in range(100)),
+                     fix=f"extract the official {dirname} release (https://zenodo.org/records/2535967, "
+                         "/3555552) into $CALIBJAX_DATA_DIR; it has a test split only")
+
+
+CORRUPTED_PREFIXES = ("cifar10_c:", "cifar100_c:")
+FOLDER_PREFIX = "folder:"
+
+
 def get_spec(name: str) -> DatasetSpec:
-  """The spec of a registered name, or a tfds-only spec for 'tfds:<catalog name>'.
+  """The spec of a registered name, or of a prefixed one: 'tfds:<catalog name>', 'folder:<path>' (an
+  ImageFolder tree: <path>/train/<class>/..., <path>/test (or val)/<class>/...), 'cifar10_c:<corruption>:<s>'
+  and 'cifar100_c:<corruption>:<s>' (test only).
 
   Raises:
-    UnknownNameError: `name` is neither registered nor 'tfds:'-prefixed.
+    UnknownNameError: `name` is neither registered nor validly prefixed.
   """
   if name.startswith(TFDS_PREFIX):
     tfds_name = name[len(TFDS_PREFIX):]
     return DatasetSpec(sources=(Tfds(tfds_name),), fix=_TFDS_FIX.format(tfds_name))
+  if name.startswith(FOLDER_PREFIX):
+    root = name[len(FOLDER_PREFIX):]
+    return DatasetSpec(sources=(ImageFolders("", root=os.path.abspath(root)),),
+                       fix=f"give {FOLDER_PREFIX}<path> with <path>/train/<class>/<images> and "
+                           "<path>/test/<class>/<images> (or val/)")
+  if name.startswith(CORRUPTED_PREFIXES):
+    return _corrupted_spec(name)
   if name not in DATASETS:
     raise UnknownNameError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS.names())}, or "
-                           f"'{TFDS_PREFIX}<catalog name>' (e.g. {TFDS_PREFIX}svhn_cropped)")
+                           f"'{TFDS_PREFIX}<catalog name>' (e.g. {TFDS_PREFIX}svhn_cropped), "
+                           f"'{FOLDER_PREFIX}<path>', 'cifar10_c:<corruption>:<severity>'")
   return DATASETS.get(name)
 
 
@@ -485,8 +723,8 @@ def load(name: str, split: str, *, data_dir: str | None = None) -> Dataset:
   """Loads one split of a dataset from the first source that has it (order in the module docstring).
 
   Args:
-    name: a registered name (`DATASETS.names()`: 'cifar10', 'cifar100', 'digits', 'fashion_mnist',
-      'imagenette', 'mnist') or 'tfds:<catalog name>'.
+    name: a registered name (`DATASETS.names()`: 'cifar10', 'cifar100', 'cinic10', 'digits', 'fashion_mnist',
+      'imagenette', 'mnist', 'tiny_imagenet') or a prefixed one (`get_spec`).
     split: 'train' or 'test'.
     data_dir: directory searched instead of the environment variables and system directories.
 
