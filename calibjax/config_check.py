@@ -127,6 +127,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "analyze.full_class_images": POSITIVE_INT,
     "analyze.truncation_ks": each(NON_NEGATIVE_INT),
     "analyze.tsne_images": Rule("an integer ≥ 4", lambda v: _int(v) and v >= 4),
+    "analyze.severities": each(Rule("a severity 1 ... 5", lambda v: _int(v) and 1 <= v <= 5)),
 }
 # Cadences (`log_every_epochs`, `checkpoint_every_iterations`, ...) in any block.
 CADENCE_PREFIXES = ("log_every_", "checkpoint_every_")

@@ -4,12 +4,18 @@
       --config.analyze.reference=runs/quickstart --workdir runs/dsa10_max_logit
   python -m calibjax.main --config configs/analyze.py:study=svd_spectrum --config.analyze.source=runs/dsa10 \
       --workdir runs/dsa10_svd
+  python -m calibjax.main --config configs/analyze.py:study=corruption --config.analyze.source=runs/kd_c_mdca \
+      --workdir runs/kd_c_mdca_corruption
 
 Presets (`:key=value,...`): study (max_logit: Figs. 2a, 7, 2b; mts_ratio: Fig. 8; calibration_size: Fig. 9;
-svd_spectrum: Fig. 3; svd_truncation: Fig. 5; tsne: Figs. 4, 6), network (which network of the evaluate source), fit_on (where TS / MTS are fitted:
-distilled_split, the paper's, by default; distilled_full; held_out_real), seed, smoke (two MTS ratios, small
-evaluation batches). `analyze.source` is a finished evaluate run (svd_spectrum: a distill workdir or its .npz),
-`analyze.reference` an optional finished train run on full data (max_logit's Fig. 2a).
+svd_spectrum: Fig. 3; svd_truncation: Fig. 5; tsne: Figs. 4, 6; corruption: robustness of a train / kd run
+under common corruptions, Fashion-MNIST-C generated here), network (which network of the evaluate source),
+fit_on (where TS / MTS are fitted: distilled_split, the paper's, by default; distilled_full; held_out_real), seed,
+smoke (two MTS ratios, small evaluation batches; corruption: 2 corruptions x severities 1, 5). `analyze.source`
+is a finished evaluate run (svd_spectrum: a distill workdir or its .npz; corruption: a train or kd run),
+`analyze.reference` an optional finished train run on full data (max_logit's Fig. 2a). corruption's settings:
+`analyze.corruption_data` (generated | official: the CIFAR-10-C / CIFAR-100-C arrays), `analyze.corruptions`,
+`analyze.severities`.
 """
 
 import ml_collections
@@ -35,7 +41,13 @@ def get_config(arg=None):
   a.full_class_images = 500  # svd_spectrum: real images per class in the full-class curve
   a.truncation_ks = (0, 1, 2, 3, 4, 5)  # svd_truncation (Fig. 5): top components removed per class
   a.tsne_images = 1000  # tsne (Figs. 4, 6): class-balanced test images embedded
+  from calibjax.data.corruptions import GENERATED  # Imported here: the other studies need no corruptions.
+  a.corruption_data = "generated"  # corruption: generated from the clean test split, or "official" CIFAR-C arrays
+  a.corruptions = GENERATED
+  a.severities = (1, 2, 3, 4, 5)
   if preset.smoke:
     config_lib.smoke(c)
     a.tsne_images = 100
+    a.corruptions = ("gaussian_noise", "contrast")
+    a.severities = (1, 5)
   return c

@@ -91,3 +91,30 @@ def test_tsne_of_every_layer_for_both_networks(tmp_path, smoke_evaluation, smoke
   assert results["images"] == 100 and len(results["labels"]) == 100
   assert all(np.asarray(points).shape == (100, 2) for points in results["embeddings"].values())
   assert os.path.exists(os.path.join(workdir, "plots", "tsne.png"))
+
+
+@pytest.mark.slow
+def test_corruption_study_of_a_trained_network(tmp_path, smoke_teacher):
+  _, results = analyze(tmp_path, "corruption", f"--config.analyze.source={smoke_teacher}")
+  source = read_json(os.path.join(smoke_teacher, "results.json"))
+  # Clean: the source run's own test numbers, with the temperatures it fitted.
+  assert results["temperatures"]["ts"] == source["ts"]["temperature"]
+  assert results["clean"]["raw"]["accuracy"] == pytest.approx(source["raw"]["accuracy"], abs=1e-6)
+  assert results["clean"]["ts"]["ece"] == pytest.approx(source["ts"]["ece"], abs=1e-6)
+  assert [(r["corruption"], r["severity"]) for r in results["corrupted"]] == [
+      ("gaussian_noise", 1), ("gaussian_noise", 5), ("contrast", 1), ("contrast", 5)]
+  contrast5 = results["corrupted"][3]
+  assert contrast5["raw"]["accuracy"] < results["clean"]["raw"]["accuracy"]  # 15 % contrast hurts
+  assert [row["severity"] for row in results["mean_by_severity"]] == [1, 5]
+  assert results["mean_by_severity"][1]["mts"]["ece"] == pytest.approx(
+      (results["corrupted"][1]["mts"]["ece"] + contrast5["mts"]["ece"]) / 2)
+
+
+def test_corruption_settings_the_data_lack_are_one_line_before_any_work(tmp_path, smoke_teacher):
+  for flags, message in ((["--config.analyze.corruption_data=official"], "official corrupted arrays exist for "
+                                                                         "cifar10 and cifar100, not digits"),
+                         (["--config.analyze.corruptions=('frost',)"], "analyze.corruptions has frost"),
+                         (["--config.analyze.severities=(6,)"], "analyze.severities")):
+    workdir = tmp_path / flags[0].split("=")[0].rsplit(".", 1)[1]
+    assert_one_line_error(cli("--config=configs/analyze.py:smoke,study=corruption",
+                              f"--config.analyze.source={smoke_teacher}", *flags, workdir=str(workdir)), message)

@@ -194,10 +194,7 @@ def shifted_sets(*, noise_sigmas, dataset: str, splits: Splits, data_dir: str | 
     channels = splits.input_shape[-1]
     if images.shape[-1] != channels:  # gray <-> colour: repeat or average the channels
       images = np.repeat(images, channels, -1) if images.shape[-1] == 1 else images.mean(-1, keepdims=True)
-    transform_classes = {"normalize": data_lib.Normalize, "zca": data_lib.ZCA}
-    for name, state in splits.transforms.items():
-      images = np.asarray(transform_classes[name].from_dict(state).apply(images))
-    sets[dataset] = images.astype(np.float32)
+    sets[dataset] = data_lib.apply_transforms(images, splits.transforms)
   return sets
 
 

@@ -2,9 +2,9 @@
 
 from calibjax.data.sampling import batch_indices, class_balanced_indices, class_indices, split_per_class
 from calibjax.data.sources import DATASETS, Dataset, DatasetSpec, load
-from calibjax.data.transforms import ZCA, Normalize, dataset_stats
+from calibjax.data.transforms import ZCA, Normalize, apply_transforms, dataset_stats
 
 __all__ = [
-    "DATASETS", "Dataset", "DatasetSpec", "Normalize", "ZCA", "batch_indices", "class_balanced_indices",
-    "class_indices", "dataset_stats", "load", "split_per_class",
+    "DATASETS", "Dataset", "DatasetSpec", "Normalize", "ZCA", "apply_transforms", "batch_indices",
+    "class_balanced_indices", "class_indices", "dataset_stats", "load", "split_per_class",
 ]

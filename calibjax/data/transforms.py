@@ -182,3 +182,12 @@ class ZCA:
     return cls(mean=np.asarray(d["mean"], np.float32), whiten=np.asarray(d["whiten"], np.float32),
                unwhiten=np.asarray(d["unwhiten"], np.float32), eps=float(d["eps"]),
                image_shape=tuple(int(v) for v in np.asarray(d["image_shape"])))
+
+
+def apply_transforms(images: np.ndarray, transforms: dict) -> np.ndarray:
+  """Raw [0, 1] images through a `Splits.transforms` dict (normalize, then zca, in its order): new images in the
+  input space of the run that recorded it."""
+  classes = {"normalize": Normalize, "zca": ZCA}
+  for name, state in transforms.items():
+    images = np.asarray(classes[name].from_dict(state).apply(images))
+  return images.astype(np.float32)

@@ -19,6 +19,12 @@ except for svd_spectrum):
     `analyze.truncation_ks`, retrained with that run's own protocol and networks; test accuracy against k (each
     source and k in its own resumable sub-workdir). `analyze.source` may list several evaluate runs joined by
     '+', one curve each (the paper compares distilled data, with and without MDT, against real data).
+  * corruption (robustness, paper 003's CIFAR-100-C study): a finished `train` or `kd` run (`analyze.source`)
+    on its test split under each of `analyze.corruptions` at each of `analyze.severities`: accuracy, ECE and NLL
+    raw and with the temperatures that run fitted (TS, MTS; on its own clean calibration data). The corrupted
+    sets are generated from the clean test split (`calibjax.data.corruptions`, seeded by the run's seed;
+    `analyze.corruption_data=generated`) or read from the official CIFAR-10-C / CIFAR-100-C arrays
+    (`official`); the figure plots the mean over corruptions against the severity (0 = clean).
   * tsne (Figs. 4, 6): 2-D t-SNE (scikit-learn, PCA init, seeded) of every layer's features (each conv block,
     the logits) of `analyze.tsne_images` class-balanced test images, for the DDNN and the full-data network of
     `analyze.reference`, one panel per model and layer, coloured by class; the silhouette score of each layer's
@@ -33,9 +39,11 @@ import ml_collections
 import numpy as np
 
 from calibjax import build, keys, parallel
+from calibjax import data as data_lib
 from calibjax.analysis import ood, svd
 from calibjax.calibration import metrics, plots, posthoc
 from calibjax.calibration.report import calibrate_and_report, reusing_logits
+from calibjax.data import corruptions
 from calibjax.data.sampling import class_balanced_indices
 from calibjax.errors import ConfigError
 from calibjax.masks import mask_inputs
@@ -200,6 +208,73 @@ def svd_truncation(config, run_dir) -> dict:
   return {"sources": sources}
 
 
+CORRUPTION_DATA = ("generated", "official")
+OFFICIAL_CORRUPTED = {"cifar10": "cifar10_c", "cifar100": "cifar100_c"}
+
+
+def _check_corruption_settings(cfg, data) -> None:
+  """Refuses, before any work, corruption settings the source run's dataset (`data`, its config block) lacks."""
+  if cfg.corruption_data not in CORRUPTION_DATA:
+    raise ConfigError(f"analyze.corruption_data must be one of {', '.join(CORRUPTION_DATA)}; got "
+                      f"'{cfg.corruption_data}'")
+  if cfg.corruption_data == "official" and data.name not in OFFICIAL_CORRUPTED:
+    raise ConfigError(f"official corrupted arrays exist for cifar10 and cifar100, not {data.name}; use "
+                      "--config.analyze.corruption_data=generated")
+  known = data_lib.sources.CORRUPTIONS if cfg.corruption_data == "official" else corruptions.GENERATED
+  unknown = [c for c in cfg.corruptions if c not in known]
+  if unknown:
+    raise ConfigError(f"analyze.corruptions has {', '.join(unknown)}, which the {cfg.corruption_data} data lack; "
+                      f"choose from {', '.join(known)}")
+
+
+def _corrupted_sets(config, restored):
+  """(corruption, severity, images in the run's input space, labels) for each setting of `config.analyze`."""
+  cfg, data = config.analyze, restored.config.data
+  data_dir = data.data_dir or None
+  clean = data_lib.load(data.name, "test", data_dir=data_dir) if cfg.corruption_data == "generated" else None
+  for name in cfg.corruptions:
+    for severity in cfg.severities:
+      if clean is None:
+        shifted = data_lib.load(f"{OFFICIAL_CORRUPTED[data.name]}:{name}:{severity}", "test", data_dir=data_dir)
+        images, labels = shifted.images, shifted.labels
+      else:
+        images = corruptions.corrupt(clean.images, corruption=name, severity=severity, seed=restored.config.seed)
+        labels = clean.labels
+      yield name, severity, data_lib.apply_transforms(images, restored.splits.transforms), labels
+
+
+def corruption(config, run_dir) -> dict:
+  cfg, n_bins = config.analyze, config.calibration.n_bins
+  _check_corruption_settings(cfg, build.run_config(cfg.source, methods=("train", "kd"), role="analyze.source").data)
+  restored = build.restore_run(cfg.source, methods=("train", "kd"), role="analyze.source")
+  fitted = build.results_of(cfg.source)
+  temperatures = {"raw": 1.0, "ts": fitted["ts"]["temperature"], "mts": fitted["mts"]["temperature"]}
+  logits_fn = build.logits_fn(restored.net, restored.state, parallel.make_mesh(), config.eval_batch_size)
+
+  def scores(logits, labels):
+    return {name: {"accuracy": float(metrics.accuracy(probs=jax.nn.softmax(logits), labels=labels)),
+                   "ece": float(metrics.ece(probs=jax.nn.softmax(logits / t), labels=labels, n_bins=n_bins)),
+                   "nll": float(metrics.nll_from_logits(logits=logits / t, labels=labels))}
+            for name, t in temperatures.items()}
+
+  clean = scores(jnp.asarray(logits_fn(restored.splits.test_images)), restored.splits.test_labels)
+  rows = [{"corruption": name, "severity": severity, **scores(jnp.asarray(logits_fn(images)), labels)}
+          for name, severity, images, labels in _corrupted_sets(config, restored)]
+  severities = sorted({row["severity"] for row in rows})
+  mean = lambda severity, cal, key: float(np.mean([r[cal][key] for r in rows if r["severity"] == severity]))
+  by_severity = [{"severity": s, **{cal: {key: mean(s, cal, key) for key in ("accuracy", "ece", "nll")}
+                                    for cal in temperatures}} for s in severities]
+  xs = [0] + severities
+  plots.plot_curves(os.path.join(run_dir.plots, "corruption.png"), {
+      **{f"ECE {cal}": (xs, [100 * clean[cal]["ece"]] + [100 * row[cal]["ece"] for row in by_severity])
+         for cal in temperatures},
+      "error (1 - accuracy)": (xs, [100 * (1 - clean["raw"]["accuracy"])]
+                               + [100 * (1 - row["raw"]["accuracy"]) for row in by_severity])},
+      xlabel="severity (0 = clean; mean over corruptions)", ylabel="%")
+  return {"clean": clean, "corrupted": rows, "mean_by_severity": by_severity, "temperatures": temperatures,
+          "corruption_data": cfg.corruption_data}
+
+
 def tsne(config, run_dir) -> dict:
   from sklearn.manifold import TSNE  # Imported here: only this study needs it.
   from sklearn.metrics import silhouette_score
@@ -230,7 +305,7 @@ def tsne(config, run_dir) -> dict:
 
 
 STUDIES = {"max_logit": max_logit, "tsne": tsne, "mts_ratio": mts_ratio, "calibration_size": calibration_size,
-           "svd_spectrum": svd_spectrum, "svd_truncation": svd_truncation}
+           "svd_spectrum": svd_spectrum, "svd_truncation": svd_truncation, "corruption": corruption}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -239,7 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"unknown analyze.study '{cfg.study}'; choose one of: {', '.join(STUDIES)}")
   if not cfg.source:
     raise ConfigError("analyze needs --config.analyze.source: a finished evaluate run (svd_spectrum: a distill "
-                      "workdir or its synthetic.npz)")
+                      "workdir or its synthetic.npz; corruption: a finished train or kd run)")
   run_dir = core.Workdir(workdir, config)
   results = {"study": cfg.study, **STUDIES[cfg.study](config, run_dir)}
   protocol = {"study": cfg.study, "source": [os.path.abspath(path) for path in cfg.source.split("+")],
