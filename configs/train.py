@@ -3,8 +3,8 @@
   python -m calibjax.main --config configs/train.py:dataset=fashion_mnist,epochs=20 --workdir runs/fmnist_convnet
 
 Presets (`:key=value,...`): dataset, model, epochs, loss (ce, label_smoothing, focal, flsd53, adafocal, mmce,
-mdca, focal_mdca, dca, logit_norm, mbls, acls; its hyperparameters are then `--config.loss.hparams.*`), mixing
-(none, mixup, cutmix, cutout), dsa (DSA augmentation on), train_per_class (0 = the whole training split),
+mdca, focal_mdca, dca, logit_norm, mbls, acls, pskd; its hyperparameters are then `--config.loss.hparams.*`),
+mixing (none, mixup, cutmix, cutout), dsa (DSA augmentation on), train_per_class (0 = the whole training split),
 batch_size (protocol dd), seed,
 smoke (a tiny run for tests on scikit-learn's digits; finishes in seconds), protocol.
 protocol=dd (default): the dataset-distillation protocol for full-data ConvNets: SGD momentum 0.9, weight decay
