@@ -18,7 +18,7 @@ from calibjax.data.prepare import Splits, prepare
 from calibjax.data.sampling import class_balanced_indices, herding_indices
 from calibjax.distill.synthetic import SyntheticSet, class_major_labels, load_npz
 from calibjax.errors import CheckpointError, ConfigError
-from calibjax.train import pskd, schedules
+from calibjax.train import per_example, schedules
 from calibjax.train import step as step_lib
 from calibjax.train.checkpoint import Checkpointer
 from calibjax.train.ensemble import make_ensemble_step
@@ -46,19 +46,19 @@ def optimizer(train_cfg: ml_collections.ConfigDict, *, steps_per_epoch: int, lr:
                                   momentum_restarts=restarts)
 
 
-def objective(loss_cfg: ml_collections.ConfigDict, *, training: dict | None = None):
+def objective(loss_cfg: ml_collections.ConfigDict, *, training: per_example.TrainingData | None = None):
   """The `step.Objective` of a calibration loss, and its end-of-epoch state update (None when stateless).
 
   AdaFocal's state (per-bin gammas) is updated from validation logits after every epoch, as the official
-  AdaFocal does: `update(state, val_logits=..., val_labels=...) -> state`. PSKD (`calibjax.train.pskd`) keeps a
-  memory of every training example and needs `training`: {"train_labels", "num_classes", "steps_per_epoch",
-  "epochs"} of the one network the `train` method fits.
+  AdaFocal does: `update(state, val_logits=..., val_labels=...) -> state`. The losses with a memory of every
+  training example (`calibjax.train.per_example`: pskd, crl) need the `training` data of the one network the
+  `train` method fits.
   """
-  if loss_cfg.name == pskd.NAME:
+  if loss_cfg.name in per_example.OBJECTIVES:
     if training is None:
-      raise ConfigError("loss pskd remembers every training example's predictions of one network; use it with "
-                        "the train method")
-    return pskd.make_objective(**training, **loss_cfg.hparams), None
+      raise ConfigError(f"loss {loss_cfg.name} remembers every training example of one network; use it with the "
+                        "train method")
+    return per_example.OBJECTIVES[loss_cfg.name][0](training, **loss_cfg.hparams), None
   loss = losses.make_loss(loss_cfg.name, **loss_cfg.hparams)
   if not losses.LOSSES.get(loss_cfg.name).stateful:
     return step_lib.label_loss(loss), None

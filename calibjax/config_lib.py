@@ -238,10 +238,10 @@ def loss_config(name: str) -> ml_collections.ConfigDict:
   there, and a hyperparameter the loss does not have is refused when the run starts.
   """
   from calibjax.calibration.losses import LOSSES  # Imported here: configs that train nothing need no JAX.
-  from calibjax.train import pskd
+  from calibjax.train.per_example import OBJECTIVES
   c = ml_collections.ConfigDict()
   c.name = name
-  c.hparams = ml_collections.ConfigDict(dict(pskd.DEFAULTS if name == pskd.NAME else LOSSES.get(name).defaults))
+  c.hparams = ml_collections.ConfigDict(dict(OBJECTIVES[name][1] if name in OBJECTIVES else LOSSES.get(name).defaults))
   return c
 
 

@@ -15,12 +15,12 @@ from calibjax.data.prepare import prepare
 from calibjax.errors import ConfigError
 from calibjax.runs import core
 from calibjax.runs.fit import fit, validation
-from calibjax.train import pskd
+from calibjax.train import per_example
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  if config.loss.name == pskd.NAME and config.augment.mixing != "none":
-    raise ConfigError(f"loss pskd softens integer labels with the network's own predictions; it does not take "
+  if config.loss.name in per_example.OBJECTIVES and config.augment.mixing != "none":
+    raise ConfigError(f"loss {config.loss.name} trains on integer labels; it does not take "
                       f"augment.mixing={config.augment.mixing} (soft mixed targets): use mixing=none")
   splits = prepare(config.data, seed=config.seed)
   calibration_images, calibration_labels, _, calibration = build.calibration_data(config.calibration, splits=splits,
@@ -28,9 +28,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   net = build.network(config.model, splits)
   steps_per_epoch = build.steps_per_epoch(config.train, len(splits.train_images))
-  objective, update = build.objective(config.loss, training={
-      "train_labels": splits.train_labels, "num_classes": splits.num_classes, "steps_per_epoch": steps_per_epoch,
-      "epochs": config.train.epochs})
+  objective, update = build.objective(config.loss, training=per_example.TrainingData(
+      splits.train_labels, splits.num_classes, steps_per_epoch, config.train.epochs))
   tx = build.optimizer(config.train, steps_per_epoch=steps_per_epoch)
   if update is not None and not config.train.validate_each_epoch:
     raise ConfigError(f"loss {config.loss.name} updates its state from validation logits after every epoch; "
