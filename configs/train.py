@@ -3,7 +3,7 @@
   python -m calibjax.main --config configs/train.py:dataset=fashion_mnist,epochs=20 --workdir runs/fmnist_convnet
 
 Presets (`:key=value,...`): dataset, model, epochs, loss (ce, label_smoothing, focal, flsd53, adafocal, mmce,
-mdca, focal_mdca, dca, logit_norm, mbls, acls, pskd, crl; its hyperparameters are then `--config.loss.hparams.*`),
+mdca, focal_mdca, dca, logit_norm, mbls, acls, cpc, pskd, crl; its hyperparameters are then `--config.loss.hparams.*`),
 mixing (none, mixup, cutmix, cutout), dsa (DSA augmentation on), train_per_class (0 = the whole training split),
 batch_size (protocol dd), seed,
 smoke (a tiny run for tests on scikit-learn's digits; finishes in seconds), protocol.

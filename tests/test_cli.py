@@ -148,15 +148,17 @@ def test_train_without_per_epoch_validation(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss, defaults", [("mbls", {"alpha": 0.1}),
-                                            ("acls", {"alpha": 0.1, "pos_lambda": 1.0, "neg_lambda": 0.1})])
-def test_margin_calibration_losses_train_from_the_cli(tmp_path, loss, defaults):
+@pytest.mark.parametrize("loss, override, hparams", [
+    ("mbls", "margin=6", {"alpha": 0.1, "margin": 6}),
+    ("acls", "margin=6", {"alpha": 0.1, "pos_lambda": 1.0, "neg_lambda": 0.1, "margin": 6}),
+    ("cpc", "lambda_bec=0.5", {"lambda_bdc": 1.0, "lambda_bec": 0.5})])
+def test_seed_003_calibration_losses_train_from_the_cli(tmp_path, loss, override, hparams):
   workdir = str(tmp_path / "run")
-  result = cli(f"--config=configs/train.py:smoke,loss={loss}", "--config.loss.hparams.margin=6", "--quiet",
+  result = cli(f"--config=configs/train.py:smoke,loss={loss}", f"--config.loss.hparams.{override}", "--quiet",
                workdir=workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   config = read_json(os.path.join(workdir, "config.json"))
-  assert config["loss"] == {"name": loss, "hparams": {**defaults, "margin": 6}}
+  assert config["loss"] == {"name": loss, "hparams": hparams}
   assert read_json(os.path.join(workdir, "results.json"))["raw"]["accuracy"] > 0.5  # digits, 10 classes
 
 

@@ -40,7 +40,8 @@ def _call(name, logits, labels, reduction, **hparams):
 
 def test_registry_names_and_defaults():
   assert losses.LOSSES.names() == sorted(["ce", "label_smoothing", "focal", "flsd53", "adafocal", "mmce",
-                                          "mdca", "focal_mdca", "dca", "logit_norm", "mbls", "acls"])
+                                          "mdca", "focal_mdca", "dca", "logit_norm", "mbls", "acls", "cpc"])
+  assert losses.LOSSES.get("cpc").defaults == {"lambda_bdc": 1.0, "lambda_bec": 1.0}
   assert losses.LOSSES.get("mbls").defaults == {"margin": 10.0, "alpha": 0.1}
   assert losses.LOSSES.get("acls").defaults == {"margin": 10.0, "alpha": 0.1, "pos_lambda": 1.0, "neg_lambda": 0.1}
   assert losses.LOSSES.get("focal").defaults == {"gamma": 1.0}
@@ -241,7 +242,7 @@ def test_one_hot_targets_equal_integer_labels(name):
 
 
 @pytest.mark.parametrize("name", ["ce", "label_smoothing", "focal", "flsd53", "adafocal", "logit_norm", "mbls",
-                                  "acls"])
+                                  "acls", "cpc"])
 def test_per_sample_losses_are_linear_in_the_target(name):
   logits, labels = _random_batch(7)
   other = np.roll(labels, 1)
@@ -354,3 +355,19 @@ def test_margin_losses_are_cross_entropy_within_the_margin(name):
   logits, labels = _random_batch(5)  # logits of a few units: every distance is below the margin of 10
   np.testing.assert_allclose(losses.make_loss(name)(logits, labels),
                              losses.cross_entropy(logits=logits, labels=labels), rtol=1e-6)
+
+
+def test_cpc_against_the_constraints_written_out():
+  logits, labels = _random_batch(11, batch=6, classes=4)
+  lsig = lambda x: -np.log1p(np.exp(-x))
+  want = []
+  for z, y in zip(logits.astype(np.float64), labels):
+    rest = [k for k in range(4) if k != y]
+    ce = -(z[y] - np.log(np.exp(z).sum()))
+    bdc = -sum(lsig(z[y] - z[k]) for k in rest) / 3
+    bec = -sum(0.5 * lsig(z[a] - z[b] + 1e-10) for a in rest for b in rest) / 3 / 2  # (K-1)(K-2) = 6
+    want.append(ce + 2.0 * bdc + 0.5 * bec)
+  got = losses.cpc(logits=logits, labels=labels, lambda_bdc=2.0, lambda_bec=0.5, reduction="none")
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ConfigError, match="at least 3 classes"):
+    losses.cpc(logits=logits[:, :2], labels=labels % 2)

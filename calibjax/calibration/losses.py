@@ -1,5 +1,5 @@
-"""Train-time calibration losses: label smoothing, focal, FLSD-53, AdaFocal, MMCE, MDCA, DCA, LogitNorm, MbLS and
-ACLS.
+"""Train-time calibration losses: label smoothing, focal, FLSD-53, AdaFocal, MMCE, MDCA, DCA, LogitNorm, MbLS,
+ACLS and CPC.
 
 Conventions shared by every loss here:
 
@@ -522,6 +522,42 @@ def acls(*, logits: jax.Array, labels: jax.Array, margin: float = 10.0, alpha: f
                          reduction)
 
 
+def cpc(*, logits: jax.Array, labels: jax.Array, lambda_bdc: float = 1.0, lambda_bec: float = 1.0,
+        reduction: str = "mean") -> jax.Array:
+  """Calibration by pairwise constraints, CPC (Cheng & Vasconcelos, CVPR 2022): cross-entropy plus binary
+  discrimination and binary exclusion constraints on the logits.
+
+  For a sample with label y and K classes: BDC = -1/(K-1) sum_{k != y} log sigmoid(z_y - z_k) (the true class
+  beats each other one as a binary decision); BEC = -1/(2 (K-1)(K-2)) sum over ordered pairs (a, b) of classes
+  other than y, a = b included, of log sigmoid(z_a - z_b) (no other class is singled out; the reference adds 1e-10
+  inside, which changes log sigmoid by at most 5e-11, below float32's resolution of these sums). The loss is
+  CE + lambda_bdc BDC + lambda_bec BEC, defaults 1 and 1 as the reference. With a target distribution each term is
+  the target-weighted sum of its hard-label values (module convention); the exclusion sum for label k is the sum
+  over all pairs minus the pairs that involve k.
+
+  Args:
+    logits: (B, K), K >= 3.
+    labels: integer (B,) or targets (B, K).
+    lambda_bdc, lambda_bec: weights of the two constraints.
+    reduction: "mean" | "sum" | "none".
+
+  Returns:
+    A scalar, or (B,) for reduction="none".
+  """
+  logits, targets = _prepare(logits, labels)
+  k = logits.shape[-1]
+  if k < 3:
+    raise ConfigError(f"cpc needs at least 3 classes (its exclusion term compares two non-target classes); got {k}")
+  pairs = jax.nn.log_sigmoid(logits[:, :, None] - logits[:, None, :])  # (B, a, b): log sigmoid(z_a - z_b)
+  # BDC for label c: the row c of `pairs` without its diagonal entry log sigmoid(0).
+  bdc = -(jnp.sum(pairs, axis=-1) - jnp.log(0.5)) / (k - 1)
+  total = jnp.sum(pairs, axis=(1, 2))
+  without = total[:, None] - jnp.sum(pairs, axis=2) - jnp.sum(pairs, axis=1) + jnp.log(0.5)
+  bec = -0.5 * without / ((k - 1) * (k - 2))
+  per_label = -jax.nn.log_softmax(logits) + lambda_bdc * bdc + lambda_bec * bec
+  return apply_reduction(jnp.sum(targets * per_label, axis=-1), reduction)
+
+
 class Loss(NamedTuple):
   """A registered loss.
 
@@ -548,7 +584,7 @@ def _register(name: str, fn: Callable[..., jax.Array]) -> None:
 for _name, _fn in (("ce", cross_entropy), ("label_smoothing", label_smoothing_ce), ("focal", focal),
                    ("flsd53", flsd53), ("adafocal", adafocal), ("mmce", ce_mmce), ("mdca", ce_mdca),
                    ("focal_mdca", focal_mdca), ("dca", ce_dca), ("logit_norm", logit_norm_ce), ("mbls", margin_ls),
-                   ("acls", acls)):
+                   ("acls", acls), ("cpc", cpc)):
   _register(_name, _fn)
 
 
@@ -557,7 +593,7 @@ def make_loss(name: str, **hparams: Any) -> Callable[..., jax.Array]:
 
   Args:
     name: a name in `LOSSES` ("ce", "label_smoothing", "focal", "flsd53", "adafocal", "mmce", "mdca",
-      "focal_mdca", "dca", "logit_norm", "mbls", "acls").
+      "focal_mdca", "dca", "logit_norm", "mbls", "acls", "cpc").
     **hparams: overrides of `LOSSES.get(name).defaults`, plus `reduction` ("mean", the default, or "sum";
       "sum" reproduces the official AdaFocal and FLSD scale).
 
