@@ -56,9 +56,13 @@ def test_weight_decay_is_coupled_like_pytorch():
   np.testing.assert_allclose(updates["w"], [-0.1 * 0.5 * 2.0], rtol=1e-6)
 
 
-def test_train_step_learns_and_compiles_once():
+@pytest.mark.parametrize("name, options", [("convnet", dict(width=8, depth=1)),
+                                           ("densenet121", dict(blocks=(1, 1), growth=4))])
+def test_train_step_learns_and_compiles_once(name, options):
+  """Also a DenseNet, whose model state carries its dropout stream through the jitted, replicated step."""
+  chex.clear_trace_counter()  # the count is kept per function definition, across the parametrized cases
   images, labels = tiny_problem()
-  net = models.build("convnet", num_classes=2, input_shape=(8, 8, 1), width=8, depth=1)
+  net = models.build(name, num_classes=2, input_shape=(8, 8, 1), **options)
   tx = optax.sgd(0.05, momentum=0.9)
   mesh = parallel.make_mesh()
   step = chex.assert_max_traces(step_lib.make_train_step(net, ce, tx), n=1)

@@ -41,14 +41,23 @@ CIFAR100_PARAMS = {
     "resnet18": 11_220_132,
     "resnet34": 21_328_292,
     "resnet50": 23_705_252,
+    # DenseNet-BC as seed 003's KD code (pytorch-cifar100's densenet.py): stem 9·3·2k; per bottleneck on c
+    # channels 2c + 4k·c + 2·4k + 4k·9·k; per transition 2c + c·floor(c/2); head 2c + 100c + 100. The quoted
+    # sizes: 7.0M, 12.6M, 18.3M, 26.7M.
+    "densenet121": 7_048_548,
+    "densenet169": 12_643_172,
+    "densenet201": 18_277_220,
+    "densenet161": 26_681_188,
 }
 FEATURE_DIMS = {"resnet8x4": 256, "resnet32x4": 256, "wrn_16_1": 64, "wrn_40_1": 64, "wrn_16_2": 128,
                 "wrn_40_2": 128, "vgg8": 512, "vgg11": 512, "vgg13": 512, "mobilenetv2": 1280,
-                "shufflev1": 960, "shufflev2": 1024, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
+                "shufflev1": 960, "shufflev2": 1024, "resnet18": 512, "resnet34": 512, "resnet50": 2048,
+                "densenet121": 1024, "densenet169": 1664, "densenet201": 1920, "densenet161": 2208}
 # Stem conv weights per input channel (kh * kw * out): the only parameters that depend on the input channels.
 STEM_PER_CHANNEL = {"vgg8": 9 * 64, "vgg11": 9 * 64, "vgg13": 9 * 64, "resnet18": 9 * 64, "resnet34": 9 * 64,
                     "resnet50": 9 * 64, "resnet8x4": 9 * 32, "resnet32x4": 9 * 32, "shufflev1": 24,
-                    "shufflev2": 24}
+                    "shufflev2": 24, "densenet121": 9 * 64, "densenet169": 9 * 64, "densenet201": 9 * 64,
+                    "densenet161": 9 * 96}
 BATCH = 2
 
 
@@ -91,22 +100,26 @@ def test_fashion_mnist_input_shapes(name):
 @pytest.mark.parametrize("name,options", [
     ("resnet8", {}), ("resnet50", dict(blocks=(1, 1, 1, 1))), ("wrn_16_1", {}), ("vgg8", {}),
     ("mobilenetv2", dict(blocks=(1, 1, 1, 1, 1, 1, 1))), ("shufflev1", dict(blocks=(1, 2, 1))),
-    ("shufflev2", dict(blocks=(1, 1, 1)))])
+    ("shufflev2", dict(blocks=(1, 1, 1))), ("densenet121", dict(blocks=(1, 1), growth=4))])
 def test_batch_norm_state_updates_only_in_train_mode(name, options):
   net = models.build(name, num_classes=10, input_shape=(28, 28, 1), **options)
   rng = np.random.default_rng(0)
   params, state = jax.eval_shape(net.init, jax.random.key(0))
   # Host arrays: jnp.ones & co. would compile one broadcast per shape.
   params = jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype), params)
-  state = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), state)
+  # A DenseNet's state also holds its dropout stream (a key and a count), which is left as initialised.
+  state = jax.tree.map(lambda a: jax.random.key(0) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else
+                       np.ones(a.shape, a.dtype), state)
   x = (2.0 + rng.standard_normal((4, 28, 28, 1))).astype(np.float32)
   forward = jax.jit(lambda p, s, x: (net.apply(p, s, x, train=False), net.apply(p, s, x, train=True)))
   (eval_logits, eval_state), (train_logits, train_state) = forward(params, state, x)
-  old, evaluated, trained = (jax.tree_util.tree_leaves_with_path(s) for s in (state, eval_state, train_state))
+  old, evaluated, trained = ([(jax.tree_util.keystr(path), leaf) for path, leaf in
+                               jax.tree_util.tree_leaves_with_path(s) if "mean" in jax.tree_util.keystr(path) or
+                               "var" in jax.tree_util.keystr(path)] for s in (state, eval_state, train_state))
   assert len(old) > 0 and all(np.array_equal(a, b) for (_, a), (_, b) in zip(old, evaluated))
   # Every BN layer saw the batch: its running variance moved (a mean can stay ~0 when a BN output feeds
   # a linear conv, so the means are not checked).
-  variances = [(a, b) for (path, a), (_, b) in zip(old, trained) if "var" in jax.tree_util.keystr(path)]
+  variances = [(a, b) for (path, a), (_, b) in zip(old, trained) if "var" in path]
   assert len(variances) == len(old) // 2 and all(not np.allclose(a, b) for a, b in variances)
   assert eval_logits.shape == train_logits.shape == (4, 10)
   assert np.isfinite(eval_logits).all() and np.isfinite(train_logits).all()
@@ -156,3 +169,21 @@ def test_invalid_depth_is_a_config_error():
     models.build("resnet8", num_classes=10, input_shape=(32, 32, 3), depth=9)
   with pytest.raises(ConfigError, match="6n \\+ 4"):
     models.build("wrn_16_1", num_classes=10, input_shape=(32, 32, 3), depth=17)
+
+
+def test_densenet_dropout_is_on_in_train_mode_only_and_follows_the_state():
+  """Dropout 0.2 in every bottleneck: masks drawn from the stream kept in the model state, so the same state gives
+  the same masks (a resumed run draws what an uninterrupted one does) and the next state new ones."""
+  net = models.build("densenet121", num_classes=3, input_shape=(8, 8, 1), blocks=(2, 1), growth=4)
+  params, state = net.init(jax.random.key(0))
+  x = np.random.default_rng(1).standard_normal((4, 8, 8, 1)).astype(np.float32)
+  train = jax.jit(lambda p, s: net.apply(p, s, x, train=True))
+  first, next_state = train(params, state)
+  np.testing.assert_array_equal(first, train(params, state)[0])
+  assert not np.allclose(first, train(params, next_state)[0])
+  # Another dropout seed changes the train-mode output, not the test-mode one.
+  reseeded = jax.tree.map(lambda a: jax.random.key(7) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a,
+                          state)
+  assert not np.allclose(first, train(params, reseeded)[0])
+  evaluate = jax.jit(lambda p, s: net.apply(p, s, x, train=False)[0])
+  np.testing.assert_array_equal(evaluate(params, state), evaluate(params, reseeded))

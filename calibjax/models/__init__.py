@@ -13,13 +13,13 @@ from flax import nnx
 import jax
 
 from calibjax.errors import ConfigError
-from calibjax.models import mobilenetv2, resnet, resnet_cifar, shufflenet, vgg, wrn
+from calibjax.models import densenet, mobilenetv2, resnet, resnet_cifar, shufflenet, vgg, wrn
 from calibjax.models.convnet import ConvNet
 from calibjax.registry import Registry
 
 MODELS: Registry[Callable[..., nnx.Module]] = Registry("model")
 MODELS.register("convnet")(ConvNet)
-for _zoo in (resnet_cifar, resnet, wrn, vgg, mobilenetv2, shufflenet):
+for _zoo in (resnet_cifar, resnet, wrn, vgg, mobilenetv2, shufflenet, densenet):
   for _name, _factory in _zoo.VARIANTS.items():
     MODELS.register(_name)(_factory)
 
