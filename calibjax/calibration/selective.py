@@ -1,0 +1,125 @@
+"""Selective prediction: how well a confidence score ranks a classifier's errors below its correct predictions.
+
+Conventions. `scores` (N,) is a confidence (higher = more confident; `confidence_scores` makes the usual ones
+from logits), `correct` (N,) is 1 for a correct prediction and 0 for an error. A selective classifier accepts the
+k most confident predictions; with k = 1 ... N the coverage is k / N and
+  * the selective risk r_k = (errors among the k accepted) / k (the risk-coverage curve),
+  * the generalised risk g_k = (errors among the k accepted) / N (Traub et al., 2024: the joint probability of
+    accepting and erring).
+Tied scores have no order: inside a run of equal scores the errors are spread evenly, i.e. each quantity is its
+expectation over the orders of the tie (so all-equal scores give r_k = the error rate at every k, and no result
+depends on the input order).
+  * AURC = (1/N) sum_k r_k (Geifman et al., 2019), the mean selective risk over the N coverages;
+  * E-AURC = AURC - AURC*, AURC* that of the oracle order (all correct predictions first): the excess over the
+    best ranking of these predictions, 0 for a perfect score;
+  * AUGRC = (1/N) sum_k g_k;
+  * `selective_risk(coverage=c)` = r_k at k = ceil(c N) (at least 1).
+Values are fractions (not %). Every function is jittable; N is static.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from calibjax.calibration.metrics import InvalidInputError
+
+SCORES = ("msp", "max_logit", "neg_entropy")
+
+
+def confidence_scores(*, logits: jax.Array, score: str = "msp", temperature: float | jax.Array = 1.0) -> jax.Array:
+  """A confidence per row of `logits` (N, K) divided by `temperature` (the post-hoc calibrated score when it is
+  TS / MTS's T): "msp" max softmax probability, "max_logit" the largest logit / T, "neg_entropy" sum_k p log p."""
+  z = jnp.asarray(logits, jnp.promote_types(jnp.asarray(logits).dtype, jnp.float32)) / temperature
+  if score == "max_logit":
+    return jnp.max(z, axis=-1)
+  log_p = jax.nn.log_softmax(z, axis=-1)
+  if score == "msp":
+    return jnp.exp(jnp.max(log_p, axis=-1))
+  if score == "neg_entropy":
+    return jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+  raise InvalidInputError(f"unknown confidence score '{score}'; choose one of: {', '.join(SCORES)}")
+
+
+def _check(scores, correct):
+  scores, correct = jnp.asarray(scores), jnp.asarray(correct)
+  if scores.ndim != 1 or correct.shape != scores.shape or scores.size == 0:
+    raise InvalidInputError(f"scores and correct must be non-empty (N,) arrays of one length; got {scores.shape} "
+                            f"and {correct.shape}")
+  dtype = jnp.promote_types(scores.dtype, jnp.float32)
+  return scores.astype(dtype), correct.astype(dtype)
+
+
+def accepted_errors(*, scores: jax.Array, correct: jax.Array) -> jax.Array:
+  """(N,) expected errors among the k most confident predictions, k = 1 ... N (ties spread evenly)."""
+  scores, correct = _check(scores, correct)
+  n = scores.shape[0]
+  order = jnp.argsort(-scores, stable=True)
+  ranked, errors = scores[order], 1 - correct[order]
+  starts = jnp.concatenate([jnp.ones(1, bool), ranked[1:] != ranked[:-1]])
+  group = jnp.cumsum(starts) - 1  # tie-run id of each rank
+  group_errors = jax.ops.segment_sum(errors, group, num_segments=n)
+  group_sizes = jax.ops.segment_sum(jnp.ones_like(errors), group, num_segments=n)
+  rank = jnp.arange(n)
+  first = jax.lax.cummax(jnp.where(starts, rank, 0))  # first rank of each position's run
+  before = jnp.concatenate([jnp.zeros(1, errors.dtype), jnp.cumsum(group_errors)])[group]  # errors of earlier runs
+  return before + (rank - first + 1) * group_errors[group] / group_sizes[group]
+
+
+def risk_coverage(*, scores: jax.Array, correct: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(coverages k / N, selective risks r_k), k = 1 ... N: the risk-coverage curve."""
+  errors = accepted_errors(scores=scores, correct=correct)
+  k = jnp.arange(1, errors.shape[0] + 1, dtype=errors.dtype)
+  return k / errors.shape[0], errors / k
+
+
+def aurc(*, scores: jax.Array, correct: jax.Array) -> jax.Array:
+  """Area under the risk-coverage curve, (1/N) sum_k r_k."""
+  return jnp.mean(risk_coverage(scores=scores, correct=correct)[1])
+
+
+def _oracle_aurc(correct: jax.Array) -> jax.Array:
+  """AURC of the order that accepts every correct prediction first: r*_k = max(0, k - C) / k, C = #correct."""
+  n = correct.shape[0]
+  k = jnp.arange(1, n + 1, dtype=correct.dtype)
+  return jnp.mean(jnp.maximum(0, k - jnp.sum(correct)) / k)
+
+
+def e_aurc(*, scores: jax.Array, correct: jax.Array) -> jax.Array:
+  """Excess AURC: AURC minus the oracle order's (0 when every correct prediction outranks every error)."""
+  scores, correct = _check(scores, correct)
+  return aurc(scores=scores, correct=correct) - _oracle_aurc(correct)
+
+
+def augrc(*, scores: jax.Array, correct: jax.Array) -> jax.Array:
+  """Area under the generalised risk-coverage curve, (1/N) sum_k (errors among the k accepted) / N."""
+  errors = accepted_errors(scores=scores, correct=correct)
+  return jnp.mean(errors) / errors.shape[0]
+
+
+def selective_risk(*, scores: jax.Array, correct: jax.Array, coverage: float) -> jax.Array:
+  """The selective risk when the ceil(coverage · N) most confident predictions (at least one) are accepted."""
+  if not 0 < coverage <= 1:
+    raise InvalidInputError(f"coverage must be in (0, 1], got {coverage}")
+  errors = accepted_errors(scores=scores, correct=correct)
+  n = errors.shape[0]
+  k = max(1, math.ceil(coverage * n - 1e-9))  # the tolerance: 0.3 * 10 is 3.0000000000000004 in floats
+  return errors[k - 1] / k
+
+
+def selective_report(*, logits: jax.Array, labels: jax.Array, temperature: float = 1.0,
+                     coverages: tuple[float, ...] = (0.8, 0.9)) -> dict:
+  """AURC, E-AURC, AUGRC and the selective risk at each of `coverages` for each score of `SCORES` on
+  logits / `temperature` (floats, for results.json). MSP and negative entropy change with T; the max logit's
+  ranking does not."""
+  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  report = {}
+  for score in SCORES:
+    s = confidence_scores(logits=logits, score=score, temperature=temperature)
+    report[score] = {"aurc": float(aurc(scores=s, correct=correct)),
+                     "e_aurc": float(e_aurc(scores=s, correct=correct)),
+                     "augrc": float(augrc(scores=s, correct=correct)),
+                     **{f"risk_at_{c:g}": float(selective_risk(scores=s, correct=correct, coverage=c))
+                        for c in coverages}}
+  return report
