@@ -92,6 +92,8 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "calibration.mts_selection": _names_of("calibjax.calibration.report", "MTS_SELECTIONS"),
     "calibration.mts_target": _names_of("calibjax.calibration.posthoc.temperature", "MASK_TARGETS"),
     "calibration.mts_granularity": _names_of("calibjax.masks", "GRANULARITIES"),
+    "calibration.conformal_alpha": Rule("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1),
+    "calibration.conformal_method": _names_of("calibjax.calibration.conformal", "METHODS"),
     "evaluate.num_nets": POSITIVE_INT,
     "evaluate.ipc": POSITIVE_INT,
     "evaluate.val_per_class": NON_NEGATIVE_INT,

@@ -167,6 +167,10 @@ def calibration_config() -> ml_collections.ConfigDict:
   c.fit_on = "held_out_real"
   c.split_fraction = 0.1  # distilled_split: this fraction of each class's images, at least one
   c.split_in_training = True  # distilled_split: the split images also train the networks (the reference's way)
+  # Conformal prediction sets, calibrated on the same calibration data as TS / MTS (calibjax.calibration.conformal):
+  # every method is reported; this one gives the summary's set size and coverage.
+  c.conformal_alpha = 0.1
+  c.conformal_method = "aps"  # thr | aps | raps
   return c
 
 

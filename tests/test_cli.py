@@ -81,12 +81,19 @@ def assert_one_line_error(result, *fragments):
 
 
 def check_smoke_run(workdir):
-  for name in ("config.json", "metrics.jsonl", "results.json", "plots/reliability.png"):
+  for name in ("config.json", "metrics.jsonl", "results.json", "plots/reliability.png", "plots/risk_coverage.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, "checkpoints"))
   results = read_json(os.path.join(workdir, "results.json"))
   for name in ("raw", "ts", "mts"):
-    assert 0.0 <= results[name]["ece"] <= 1.0 and results[name]["nll"] > 0
+    report = results[name]
+    assert 0.0 <= report["ece"] <= 1.0 and report["nll"] > 0
+    # Selective prediction and conformal sets next to every calibration report (10 digit classes).
+    assert 0.0 <= report["e_aurc"] <= report["aurc"] == report["selective"]["msp"]["aurc"] <= 1.0
+    assert report["set_size"] == report["conformal"]["aps"]["mean_size"] and 0 <= report["set_size"] <= 10
+    assert set(report["conformal"]) == {"alpha", "thr", "aps", "raps"} and report["conformal"]["alpha"] == 0.1
+    # A temperature keeps the order of the max logits: their areas are those of the raw network.
+    assert report["selective"]["max_logit"] == results["raw"]["selective"]["max_logit"]
   assert results["raw"]["accuracy"] == results["ts"]["accuracy"] == results["mts"]["accuracy"]
   assert results["ts"]["temperature"] > 0 and results["mts"]["ratio"] in (0.1, 0.5)
   assert [r["epoch"] for r in read_metrics(workdir)] == [1, 2]
@@ -249,6 +256,9 @@ def test_calibrate_a_train_checkpoint(tmp_path, smoke_teacher):
   # The same network, data split and fit as the train run's own report.
   assert results["uncalibrated"] == train_results["raw"]
   assert results["temperature"]["temperature"] == pytest.approx(train_results["ts"]["temperature"], rel=1e-5)
+  # Every calibrator also reports selective prediction and conformal sets on its calibrated probabilities.
+  assert all(0 <= results[name]["aurc"] <= 1 and set(results[name]["conformal"]) == {"alpha", "thr", "aps", "raps"}
+             for name in expected)
   for name in expected - {"histogram", "isotonic"}:  # binning calibrators are not monotone maps
     assert results[name]["accuracy"] == pytest.approx(results["uncalibrated"]["accuracy"]) or name in (
         "vector", "matrix", "dirichlet")

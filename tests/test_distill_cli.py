@@ -117,9 +117,10 @@ def test_evaluate_a_distilled_set(evaluated):
   assert nets[0]["raw"]["nll"] != nets[1]["raw"]["nll"]
   summary = results["summary"]
   for stage in ("raw", "ts", "mts"):
-    values = [n[stage]["ece_10"] for n in nets]
-    assert summary[stage]["ece_10"]["mean"] == pytest.approx(np.mean(values))
-    assert summary[stage]["ece_10"]["std"] == pytest.approx(np.std(values))
+    for metric in ("ece_10", "aurc", "set_size"):  # set_size: the conformal sets, fitted where TS is
+      values = [n[stage][metric] for n in nets]
+      assert summary[stage][metric]["mean"] == pytest.approx(np.mean(values))
+      assert summary[stage][metric]["std"] == pytest.approx(np.std(values))
     assert summary[stage]["accuracy"]["mean"] == summary["raw"]["accuracy"]["mean"]
   for stage in ("ts", "mts"):
     expected = np.mean([n[stage]["over_calibrated"] for n in nets])

@@ -24,7 +24,8 @@ WORKDIR = "/tmp/runs/example"
 def _report(*, accuracy, nll, ece, confidence, **extra):
   """The part of a `calibration_report` dict the tables read (real reports hold more keys)."""
   return {"accuracy": accuracy, "nll": nll, "ece": ece, "mean_confidence": confidence, "ece_10": 0.5,
-          "confidence_gap": confidence - accuracy, "n": 1000, "over_confident": confidence > accuracy, **extra}
+          "confidence_gap": confidence - accuracy, "n": 1000, "over_confident": confidence > accuracy,
+          "aurc": 0.03214, "set_size": 1.2345, **extra}
 
 
 def _calibrated(*, accuracy=0.8095, ts_temperature=1.52349, mts_temperature=1.41, ratio=0.3):
@@ -53,11 +54,12 @@ def _labels(text: str) -> list[str]:
 def test_train_rows_in_percent_with_temperatures_and_paths():
   results = {**_calibrated(), "budget": {"epochs": 2, "seed": 0}}
   text = format_results("train", results, workdir=WORKDIR)
-  assert _cells(text, "accuracy %") == ["accuracy %", "NLL", "ECE %", "confidence %", "temperature", "MTS ratio"]
-  assert _cells(text, "raw") == ["raw", "80.95", "0.6123", "5.12", "86.00"]
-  assert _cells(text, "TS") == ["TS", "80.95", "0.5500", "2.01", "81.00", "1.523"]
-  assert _cells(text, "MTS") == ["MTS", "80.95", "0.5600", "3.00", "79.00", "1.410", "0.3"]
-  assert f"plots: {WORKDIR}/plots/reliability.png" in text.splitlines()
+  assert _cells(text, "accuracy %") == ["accuracy %", "NLL", "ECE %", "confidence %", "AURC %", "set size",
+                                        "temperature", "MTS ratio"]
+  assert _cells(text, "raw") == ["raw", "80.95", "0.6123", "5.12", "86.00", "3.21", "1.23"]
+  assert _cells(text, "TS") == ["TS", "80.95", "0.5500", "2.01", "81.00", "3.21", "1.23", "1.523"]
+  assert _cells(text, "MTS") == ["MTS", "80.95", "0.5600", "3.00", "79.00", "3.21", "1.23", "1.410", "0.3"]
+  assert f"plots: {WORKDIR}/plots/reliability.png, {WORKDIR}/plots/risk_coverage.png" in text.splitlines()
   assert f"results: {WORKDIR}/results.json" in text.splitlines()
 
 
@@ -76,9 +78,9 @@ def test_missing_metrics_print_a_dash():
   results = _calibrated()
   del results["raw"]["nll"], results["ts"]["temperature"], results["mts"]
   text = format_results("train", results, workdir=WORKDIR)
-  assert _cells(text, "raw") == ["raw", "80.95", "—", "5.12", "86.00"]
+  assert _cells(text, "raw") == ["raw", "80.95", "—", "5.12", "86.00", "3.21", "1.23"]
   assert _cells(text, "TS")[-1] == "—"
-  assert _cells(text, "MTS") == ["MTS", "—", "—", "—", "—", "—", "—"]
+  assert _cells(text, "MTS") == ["MTS", "—", "—", "—", "—", "—", "—", "—", "—"]
 
 
 def _kd_results(*, teacher_results=None):
@@ -102,7 +104,7 @@ def test_kd_student_rows_teacher_rows_and_best_epoch():
   assert "resnet8" in text.splitlines()[0]
   assert "best epoch: 12 (val accuracy 81.20%)" in text
   assert "last epoch 15 (val accuracy 80.95%)" in text
-  assert f"plots: {WORKDIR}/plots/reliability.png" in text.splitlines()
+  assert f"plots: {WORKDIR}/plots/reliability.png, {WORKDIR}/plots/risk_coverage.png" in text.splitlines()
 
 
 def test_kd_without_teacher_results_has_only_student_rows():
@@ -116,7 +118,8 @@ def test_kd_without_teacher_results_has_only_student_rows():
 
 
 def _stage_summary(*, accuracy, nll, ece, over_calibrated_fraction=None):
-  stage = {"accuracy": accuracy, "nll": nll, "ece": ece, "sce": {"mean": 0.01, "std": 0.0}}
+  stage = {"accuracy": accuracy, "nll": nll, "ece": ece, "sce": {"mean": 0.01, "std": 0.0},
+           "aurc": {"mean": 0.0321, "std": 0.0012}, "set_size": {"mean": 1.5, "std": 0.25}}
   if over_calibrated_fraction is not None:
     stage["over_calibrated_fraction"] = over_calibrated_fraction
   return stage
@@ -141,8 +144,10 @@ def test_evaluate_mean_std_and_over_calibration_share():
   text = format_results("evaluate", _evaluate_results(), workdir=WORKDIR)
   title = text.splitlines()[0]
   assert "dsa" in title and "ipc 10" in title
-  assert _cells(text, "raw") == ["raw", "80.95 ± 1.23", "0.5000 ± 0.0100", "4.56 ± 0.20"]
-  assert _cells(text, "TS") == ["TS", "80.95 ± 1.23", "0.4500 ± 0.0200", "2.10 ± 0.10", "2/5 networks"]
+  assert _cells(text, "raw") == ["raw", "80.95 ± 1.23", "0.5000 ± 0.0100", "4.56 ± 0.20", "3.21 ± 0.12",
+                                 "1.5000 ± 0.2500"]
+  assert _cells(text, "TS") == ["TS", "80.95 ± 1.23", "0.4500 ± 0.0200", "2.10 ± 0.10", "3.21 ± 0.12",
+                                "1.5000 ± 0.2500", "2/5 networks"]
   assert _cells(text, "MTS")[-1] == "0/5 networks"
   assert ("TS / MTS fitted on: distilled_split (10 images, also training images); MTS ratio chosen on calibration "
           "data (fit and scored on the same images)") in text.splitlines()
@@ -161,7 +166,7 @@ def test_evaluate_rows_of_calibrators_fitted_elsewhere():
   text = format_results("evaluate", results, workdir=WORKDIR)
   assert _cells(text, "TS")[-1] == "2/5 networks"  # the primary fit is unchanged
   assert _cells(text, "TS [held_out_real]") == ["TS [held_out_real]", "80.95 ± 1.23", "0.4000 ± 0.0000",
-                                                "1.20 ± 0.30", "1/5 networks"]
+                                                "1.20 ± 0.30", "3.21 ± 0.12", "1.5000 ± 0.2500", "1/5 networks"]
   assert _cells(text, "MTS [held_out_real]")[-1] == "3/5 networks"
   assert ("TS / MTS [held_out_real] fitted on: held_out_real (1000 images); MTS ratio chosen on calibration data "
           "(fit on one half per class, scored on the other)") in text.splitlines()
@@ -187,10 +192,10 @@ def test_calibrate_rows_per_calibrator_and_ood_auroc():
              "ood": {"gaussian_noise_0.5": ood}, "source": {"model": "convnet", "dataset": "digits"},
              "budget": {"seed": 0}, "manifest": {"python": "3.11.7"}}
   text = format_results("calibrate", results, workdir=WORKDIR)
-  assert _cells(text, "uncalibrated") == ["uncalibrated", "80.95", "0.6123", "5.12"]
-  assert _cells(text, "mts") == ["mts", "80.95", "0.5600", "3.00", "yes"]
-  assert _cells(text, "temperature") == ["temperature", "80.95", "0.5500", "2.01", "no"]
-  assert _cells(text, "histogram_binning") == ["histogram_binning", "80.00", "—", "1.00", "—"]
+  assert _cells(text, "uncalibrated") == ["uncalibrated", "80.95", "0.6123", "5.12", "3.21", "1.23"]
+  assert _cells(text, "mts") == ["mts", "80.95", "0.5600", "3.00", "3.21", "1.23", "yes"]
+  assert _cells(text, "temperature") == ["temperature", "80.95", "0.5500", "2.01", "3.21", "1.23", "no"]
+  assert _cells(text, "histogram_binning") == ["histogram_binning", "80.00", "—", "1.00", "—", "—", "—"]
   assert _cells(text, "gaussian_noise_0.5") == ["gaussian_noise_0.5", "0.9123", "0.8000", "0.8500"]
   assert not {"ood", "source", "budget", "manifest"} & set(_labels(text))
   assert "convnet" in text.splitlines()[0]

@@ -15,6 +15,7 @@ Where the MTS ratio is chosen (`calibration.mts_selection`):
     split.
 """
 
+import os
 from typing import Callable
 
 import jax
@@ -22,13 +23,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from calibjax.calibration import metrics, plots, posthoc
+from calibjax.calibration import conformal, metrics, plots, posthoc, selective
 from calibjax.data import split_per_class
 from calibjax.errors import ConfigError
 
 # Metrics summarised as mean ± std over networks, for the raw network and after each calibrator.
 SUMMARY_METRICS = ("accuracy", "nll", "ece", "ece_10", "sce", "ace", "oe", "mce", "brier", "mean_confidence",
-                   "confidence_gap")
+                   "confidence_gap", "aurc", "e_aurc", "augrc", "set_size", "set_coverage")
+# The conformal sets' uniform draws: the report's key with this folded in, not a further split, so the MTS masks
+# drawn from that key are what they were before the sets existed. (fold_in(key, 1) would be split(key)[1].)
+_CONFORMAL_FOLD = 0x636F6E66  # "conf"
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 # Probabilities from histogram binning or isotonic regression can be exactly 0; the NLL of such a calibrator is
 # computed from probabilities clipped at this floor (and renormalised) instead of being infinite.
@@ -50,8 +54,9 @@ def calibrate_and_report(*, logits_fn: LogitsFn, val_images: np.ndarray, val_lab
 
   Returns:
     {"raw"|"ts"|"mts": calibration_report dict (plus "over_calibrated" for ts/mts: the calibrator turned an
-    over-confident network under-confident, the paper's Table 1 last row). "ts" also holds "temperature";
-    "mts" holds "temperature", "ratio" and "ratio_selection" (the validation score of every ratio tried).
+    over-confident network under-confident, the paper's Table 1 last row) and `uncertainty_report`'s selective
+    prediction and conformal sets. "ts" also holds "temperature"; "mts" holds "temperature", "ratio" and
+    "ratio_selection" (the validation score of every ratio tried).
   """
   val_logits = np.asarray(logits_fn(val_images))
   test_logits = np.asarray(logits_fn(test_images))
@@ -80,11 +85,50 @@ def calibrate_and_report(*, logits_fn: LogitsFn, val_images: np.ndarray, val_lab
   results["ts"]["temperature"] = temperature
   results["mts"].update(temperature=mts_temperature, ratio=float(selection["ratio"]),
                         ratio_selection=_jsonable(selection["table"]), ratio_selected_on=selected_on)
+  temperatures = {"raw": 1.0, "ts": temperature, "mts": mts_temperature}
+  for name, t in temperatures.items():
+    results[name].update(uncertainty_report(
+        val_probs=jax.nn.softmax(val_logits / t), val_labels=val_labels, test_probs=jax.nn.softmax(test_logits / t),
+        test_labels=test_labels, test_logits=test_logits, cfg=cfg, key=key))
   if plot_path is not None:
     probs = {f"{name} (T={t:.2f})": (np.asarray(jax.nn.softmax(logits)), test_labels)
-             for (name, logits), t in zip(scaled.items(), (1.0, temperature, mts_temperature))}
+             for (name, logits), t in zip(scaled.items(), temperatures.values())}
     plots.plot_reliability_grid(plot_path, probs, n_bins=cfg.n_bins)
+    correct = np.argmax(test_logits, -1) == test_labels
+    curves = {}
+    for name, logits in scaled.items():
+      coverage, risk = selective.risk_coverage(scores=np.max(jax.nn.softmax(logits), -1), correct=correct)
+      curves[f"{name} (MSP, AURC {100 * results[name]['aurc']:.2f} %)"] = (100 * np.asarray(coverage),
+                                                                             100 * np.asarray(risk))
+    plots.plot_curves(risk_coverage_path(plot_path), curves, xlabel="coverage %", ylabel="selective risk %")
   return results
+
+
+def risk_coverage_path(reliability_path: str) -> str:
+  """Where the risk-coverage plot of a report goes: next to its reliability diagram, "reliability" in the file
+  name replaced by "risk_coverage" (plots/reliability_net0.png -> plots/risk_coverage_net0.png)."""
+  directory, name = os.path.split(reliability_path)
+  return os.path.join(directory, name.replace("reliability", "risk_coverage", 1))
+
+
+def uncertainty_report(*, val_probs, val_labels, test_probs, test_labels, cfg: ml_collections.ConfigDict,
+                       key: jax.Array, test_logits=None) -> dict:
+  """Selective prediction on the test split (`calibjax.calibration.selective.selective_report`: MSP and negative
+  entropy of `test_probs`, max logit of `test_logits`) and conformal sets of every method calibrated on
+  (val_probs, val_labels) at `cfg.conformal_alpha` (`calibjax.calibration.conformal`). Flat entries for the
+  summaries: "aurc", "e_aurc", "augrc" (MSP) and "set_size", "set_coverage" (`cfg.conformal_method`); the details
+  under "selective" and "conformal"."""
+  report = selective.selective_report(probs=test_probs, labels=test_labels, logits=test_logits)
+  conformal_key = jax.random.fold_in(key, _CONFORMAL_FOLD)
+  sets = {}
+  for method in conformal.METHODS:
+    _, predicted = conformal.calibrate_and_predict(cal_probs=val_probs, cal_labels=val_labels, test_probs=test_probs,
+                                                   method=method, alpha=cfg.conformal_alpha, key=conformal_key)
+    sets[method] = conformal.set_report(sets=predicted, labels=test_labels)
+  chosen = sets[cfg.conformal_method]
+  return {"aurc": report["msp"]["aurc"], "e_aurc": report["msp"]["e_aurc"], "augrc": report["msp"]["augrc"],
+          "set_size": chosen["mean_size"], "set_coverage": chosen["coverage"], "selective": report,
+          "conformal": {"alpha": cfg.conformal_alpha, **sets}}
 
 
 MTS_SELECTIONS = ("calibration_data", "test_reference")
@@ -117,21 +161,26 @@ def _jsonable(table):
 
 
 def posthoc_report(name: str, *, val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
-                   test_labels: np.ndarray, n_bins: int, raw_confidence_gap: float) -> tuple[dict, np.ndarray]:
+                   test_labels: np.ndarray, cfg: ml_collections.ConfigDict, key: jax.Array,
+                   raw_confidence_gap: float) -> tuple[dict, np.ndarray]:
   """Fits the calibrator `name` of `posthoc.CALIBRATORS` on validation logits and reports it on test logits.
 
   Returns:
     (calibration_report of the calibrated test probabilities (NLL from probabilities floored at `PROB_FLOOR`)
-    with "over_calibrated" — and "temperature" for the temperature calibrators —, the calibrated test
-    probabilities (N, K)).
+    with "over_calibrated", `uncertainty_report`'s selective prediction (on the calibrated probabilities) and
+    conformal sets (calibrated on the calibrated validation probabilities), and "temperature" for the temperature
+    calibrators; the calibrated test probabilities (N, K)).
   """
   calibrator = posthoc.CALIBRATORS.get(name)
   params = calibrator.fit(logits=jnp.asarray(val_logits), labels=jnp.asarray(val_labels))
   probs = np.asarray(calibrator.apply(params, jnp.asarray(test_logits)))
   floored = np.maximum(probs, PROB_FLOOR)
   report = metrics.calibration_report(logits=jnp.log(floored / floored.sum(-1, keepdims=True)),
-                                      labels=jnp.asarray(test_labels), n_bins=n_bins)
+                                      labels=jnp.asarray(test_labels), n_bins=cfg.n_bins)
   report["over_calibrated"] = bool(raw_confidence_gap > 0 and report["confidence_gap"] < 0)
+  report.update(uncertainty_report(val_probs=calibrator.apply(params, jnp.asarray(val_logits)), val_labels=val_labels,
+                                   test_probs=probs, test_labels=test_labels, test_logits=test_logits, cfg=cfg,
+                                   key=key))
   if name.startswith("temperature"):
     report["temperature"] = float(params)
   return report, probs

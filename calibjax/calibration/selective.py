@@ -107,16 +107,19 @@ def selective_risk(*, scores: jax.Array, correct: jax.Array, coverage: float) ->
   return errors[k - 1] / k
 
 
-def selective_report(*, logits: jax.Array, labels: jax.Array, temperature: float = 1.0,
+def selective_report(*, probs: jax.Array, labels: jax.Array, logits: jax.Array | None = None,
                      coverages: tuple[float, ...] = (0.8, 0.9)) -> dict:
-  """AURC, E-AURC, AUGRC and the selective risk at each of `coverages` for each score of `SCORES` on
-  logits / `temperature` (floats, for results.json). MSP and negative entropy change with T; the max logit's
-  ranking does not."""
-  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  """AURC, E-AURC, AUGRC and the selective risk at each of `coverages` (floats, for results.json) for the MSP and
+  the negative entropy of `probs` (N, K) — the calibrated probabilities: these scores change with a calibrator —
+  and, when `logits` are given, their max logit (whose ranking no temperature changes)."""
+  probs, labels = jnp.asarray(probs, jnp.float32), jnp.asarray(labels)
+  correct = (jnp.argmax(probs, axis=-1) == labels).astype(jnp.float32)
+  scores = {"msp": jnp.max(probs, axis=-1),
+            "neg_entropy": jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1)), 0), -1)}
+  if logits is not None:
+    scores["max_logit"] = jnp.max(jnp.asarray(logits, jnp.float32), axis=-1)
   report = {}
-  for score in SCORES:
-    s = confidence_scores(logits=logits, score=score, temperature=temperature)
+  for score, s in scores.items():
     report[score] = {"aurc": float(aurc(scores=s, correct=correct)),
                      "e_aurc": float(e_aurc(scores=s, correct=correct)),
                      "augrc": float(augrc(scores=s, correct=correct)),

@@ -59,7 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       reported[name], probs = posthoc_report(name, val_logits=val_logits, val_labels=calibration_labels,
                                              test_logits=test_logits, test_labels=splits.test_labels,
-                                             n_bins=config.calibration.n_bins,
+                                             cfg=config.calibration, key=keys.stream(config.seed, "calibration"),
                                              raw_confidence_gap=results["raw"]["confidence_gap"])
       panels[name] = (probs, splits.test_labels)
   plots.plot_reliability_grid(os.path.join(run_dir.plots, "reliability.png"), panels,

@@ -13,7 +13,8 @@ from typing import Any, Callable
 MISSING = "—"
 # results.json stage keys of `calibrate_and_report` and how the tables name them.
 STAGES = (("raw", "raw"), ("ts", "TS"), ("mts", "MTS"))
-CALIBRATION_HEADER = ("", "accuracy %", "NLL", "ECE %", "confidence %", "temperature", "MTS ratio")
+CALIBRATION_HEADER = ("", "accuracy %", "NLL", "ECE %", "confidence %", "AURC %", "set size", "temperature",
+                      "MTS ratio")
 # Keys of a calibrate run's results that are not calibrators (the run core adds "budget" and "manifest").
 CALIBRATE_EXTRAS = ("ood", "source", "budget", "manifest")
 # The figures each study of `calibjax.runs.analyze` writes into plots/.
@@ -45,7 +46,7 @@ def _format_train(results: dict, *, workdir: str) -> str:
   with accuracy, nll, ece, mean_confidence; "temperature" for ts and mts; "ratio" for mts)."""
   rows = _calibration_rows(results)
   return "\n".join(["train: test split, raw and after TS / MTS", _table(CALIBRATION_HEADER, rows),
-                    *_where(workdir, "reliability.png")])
+                    *_where(workdir, "reliability.png", "risk_coverage.png")])
 
 
 def _format_kd(results: dict, *, workdir: str) -> str:
@@ -65,7 +66,8 @@ def _format_kd(results: dict, *, workdir: str) -> str:
   best_line = (f"best epoch: {_text(best.get('epoch'))} (val accuracy {val_accuracy('val_accuracy')}); "
                f"reported above: last epoch {_text(best.get('last_epoch'))} "
                f"(val accuracy {val_accuracy('last_val_accuracy')})")
-  return "\n".join([title, _table(CALIBRATION_HEADER, rows), best_line, *_where(workdir, "reliability.png")])
+  return "\n".join([title, _table(CALIBRATION_HEADER, rows), best_line,
+                    *_where(workdir, "reliability.png", "risk_coverage.png")])
 
 
 def _format_evaluate(results: dict, *, workdir: str) -> str:
@@ -87,15 +89,17 @@ def _format_evaluate(results: dict, *, workdir: str) -> str:
       summary = _get(fit, "summary", stage) or {}
       share = "" if stage == "raw" else _share(summary.get("over_calibrated_fraction"), networks)
       rows.append((label + suffix, _mean_std(summary.get("accuracy"), percent=True), _mean_std(summary.get("nll")),
-                   _mean_std(summary.get("ece"), percent=True), share))
+                   _mean_std(summary.get("ece"), percent=True), _mean_std(summary.get("aurc"), percent=True),
+                   _mean_std(summary.get("set_size")), share))
     fitted.append(f"TS / MTS{suffix} fitted on: {_text(calibration.get('fit_on'))} "
                   f"({_text(calibration.get('images'))} images"
                   f"{', also training images' if calibration.get('in_training') else ''}); MTS ratio chosen on "
                   f"{_text(calibration.get('mts_ratio_selected_on'))}")
   title = (f"evaluate: {_text(training_set.get('method'))}, ipc {_text(training_set.get('ipc'))}, "
            f"mdt {_text(training_set.get('mdt'))}; {_text(networks)} networks, mean ± std on the test split")
-  header = ("", "accuracy %", "NLL", "ECE %", "over-calibrated")
-  return "\n".join([title, _table(header, rows), *fitted, *_where(workdir, "reliability_net0.png")])
+  header = ("", "accuracy %", "NLL", "ECE %", "AURC %", "set size", "over-calibrated")
+  return "\n".join([title, _table(header, rows), *fitted,
+                    *_where(workdir, "reliability_net0.png", "risk_coverage_net0.png")])
 
 
 def _format_calibrate(results: dict, *, workdir: str) -> str:
@@ -108,10 +112,11 @@ def _format_calibrate(results: dict, *, workdir: str) -> str:
       continue
     flag = "" if name == "uncalibrated" else _yes_no(_get(report, "over_calibrated"))
     rows.append((name, _percent(_get(report, "accuracy")), _decimal(_get(report, "nll")),
-                 _percent(_get(report, "ece")), flag))
+                 _percent(_get(report, "ece")), _percent(_get(report, "aurc")),
+                 _decimal(_get(report, "set_size"), digits=2), flag))
   source = _get(results, "source") or {}
   title = f"calibrate: {_text(source.get('model'))} on {_text(source.get('dataset'))}; test split"
-  lines = [title, _table(("", "accuracy %", "NLL", "ECE %", "over-calibrated"), rows)]
+  lines = [title, _table(("", "accuracy %", "NLL", "ECE %", "AURC %", "set size", "over-calibrated"), rows)]
   ood_rows = [(name, *(_decimal(_get(scores, score, "auroc")) for score in ("max_logit", "msp_raw", "msp_ts")))
               for name, scores in (_get(results, "ood") or {}).items()]
   if ood_rows:
@@ -192,7 +197,8 @@ def _calibration_rows(results: dict, *, label: str = "") -> list[tuple[str, ...]
     temperature = "" if stage == "raw" else _decimal(report.get("temperature"), digits=3)
     ratio = _text(report.get("ratio")) if stage == "mts" else ""
     rows.append((label + name, _percent(report.get("accuracy")), _decimal(report.get("nll")),
-                 _percent(report.get("ece")), _percent(report.get("mean_confidence")), temperature, ratio))
+                 _percent(report.get("ece")), _percent(report.get("mean_confidence")), _percent(report.get("aurc")),
+                 _decimal(report.get("set_size"), digits=2), temperature, ratio))
   return rows
 
 
