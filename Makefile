@@ -34,7 +34,7 @@ quickstart: setup data
 	$(PYTHON) -m calibjax.main --config configs/quickstart.py --workdir runs/quickstart
 
 test: setup data
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 clean:
 	rm -rf runs .pytest_cache

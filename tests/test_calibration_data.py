@@ -136,8 +136,11 @@ def test_evaluate_fits_on_the_distilled_split_by_default_and_says_so(smoke_evalu
   full = also["distilled_full"]["calibration_data"]
   assert (full["images"], full["in_training"]) == (20, True)
   assert not also["held_out_real"]["calibration_data"]["in_training"]
+  # The raw network's numbers are those of the same networks, except its conformal sets: they are calibrated on
+  # each entry's own calibration data.
+  network_only = lambda summary: {k: v for k, v in summary.items() if k not in ("set_size", "set_coverage")}
   for entry in also.values():
-    assert entry["summary"]["raw"] == results["summary"]["raw"]
+    assert network_only(entry["summary"]["raw"]) == network_only(results["summary"]["raw"])
   assert [entry["fit_on"] for entry in results["manifest"]["protocol"]["also_fitted_on"]] == \
       ["held_out_real", "distilled_full", "distilled_split"]
   # The reference's protocol: the MTS ratio chosen on test, T from its LBFGS port (which barely leaves 1.5 on a

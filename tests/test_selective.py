@@ -69,11 +69,13 @@ def test_jittable_and_report():
   jitted = jax.jit(selective.aurc)
   assert float(jitted(scores=SCORES, correct=CORRECT)) == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 4)
   logits = np.float32([[3, 0], [0, 1], [2, 1.5], [0.2, 0]])
-  report = selective.selective_report(logits=logits, labels=np.array([0, 0, 1, 0]), temperature=2.0)
+  labels = np.array([0, 0, 1, 0])  # correct, wrong, wrong, correct
+  report = selective.selective_report(probs=jax.nn.softmax(logits / 2), labels=labels, logits=logits)
   assert set(report) == set(selective.SCORES)
   assert set(report["msp"]) == {"aurc", "e_aurc", "augrc", "risk_at_0.8", "risk_at_0.9"}
-  # Dividing by T keeps the order of the max logits, so their areas are those of T = 1.
-  plain = selective.selective_report(logits=logits, labels=np.array([0, 0, 1, 0]))
-  assert report["max_logit"] == plain["max_logit"]
+  # Max logits 3, 1, 2, 0.2 rank the predictions correct, wrong, wrong, correct: r_k = 0, 1/2, 2/3, 2/4.
+  assert report["max_logit"]["aurc"] == pytest.approx((0 + 1 / 2 + 2 / 3 + 1 / 2) / 4)
+  assert report["max_logit"]["risk_at_0.8"] == pytest.approx(1 / 2)  # k = ceil(3.2) = 4
+  assert "max_logit" not in selective.selective_report(probs=jax.nn.softmax(logits), labels=labels)
   with pytest.raises(InvalidInputError, match="one length"):
     selective.aurc(scores=SCORES, correct=CORRECT[:3])
