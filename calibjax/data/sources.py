@@ -242,6 +242,17 @@ class IdxFiles:
 # ------------------------------------------------------------------------------------------------------ CIFAR
 
 
+def _dataset_dir(dirname: str, data_dir: str | None, looked: list[str]) -> tuple[str | None, str]:
+  """(`dirname` under data_dir, else under $CALIBJAX_DATA_DIR; how that root was chosen). (None, ...) when
+  neither is set, which is noted in `looked`."""
+  root, why = (data_dir, "data_dir") if data_dir is not None else (os.environ.get("CALIBJAX_DATA_DIR") or None,
+                                                                    "$CALIBJAX_DATA_DIR")
+  if root is None:
+    looked.append(f"{dirname}/ under $CALIBJAX_DATA_DIR (not set)")
+    return None, why
+  return os.path.join(root, dirname), why
+
+
 def _unpickle(path: str) -> dict[str, object]:
   """Reads one CIFAR python pickle; keys become str whether the file was written by Python 2 or 3."""
   # The official files are Python 2 pickles; encoding='bytes' keeps their byte strings undecoded. They are
@@ -270,14 +281,9 @@ class CifarPickles:
   label_key: str
 
   def find(self, name: str, split: str, data_dir: str | None, looked: list[str]) -> Hashable | None:
-    if data_dir is not None:
-      root, why = data_dir, "data_dir"
-    else:
-      root, why = os.environ.get("CALIBJAX_DATA_DIR"), "$CALIBJAX_DATA_DIR"
-    if not root:
-      looked.append(f"{self.dirname}/ under $CALIBJAX_DATA_DIR (not set)")
+    directory, why = _dataset_dir(self.dirname, data_dir, looked)
+    if directory is None:
       return None
-    directory = os.path.join(root, self.dirname)
     files = (self.train_files if split == "train" else self.test_files) + (self.meta_file,)
     if all(os.path.isfile(os.path.join(directory, f)) for f in files):
       return os.path.realpath(directory)
@@ -422,13 +428,6 @@ class SklearnDigits:
 # ------------------------------------------------------------------------------------------- image folders
 
 
-def _data_root(data_dir: str | None) -> tuple[str | None, str]:
-  """The directory a named dataset's folder lies in: data_dir, else $CALIBJAX_DATA_DIR (and how it was chosen)."""
-  if data_dir is not None:
-    return data_dir, "data_dir"
-  return os.environ.get("CALIBJAX_DATA_DIR") or None, "$CALIBJAX_DATA_DIR"
-
-
 def read_images(paths: list[str], *, mode: str) -> np.ndarray:
   """Decodes image files (PNG, JPEG, ...) to uint8 (N, H, W, C) in PIL `mode` ("RGB" or "L"), several at a time.
 
@@ -485,14 +484,9 @@ class ImageFolders:
   root: str = ""
 
   def find(self, name: str, split: str, data_dir: str | None, looked: list[str]) -> Hashable | None:
-    if self.root:
-      base, why = self.root, "folder: path"
-    else:
-      root, why = _data_root(data_dir)
-      if root is None:
-        looked.append(f"{self.dirname}/ under $CALIBJAX_DATA_DIR (not set)")
-        return None
-      base = os.path.join(root, self.dirname)
+    base, why = (self.root, "folder: path") if self.root else _dataset_dir(self.dirname, data_dir, looked)
+    if base is None:
+      return None
     for candidate in dict(self.split_dirs)[split]:
       directory = os.path.join(base, candidate)
       if os.path.isdir(directory) and any(os.path.isdir(os.path.join(directory, c)) for c in os.listdir(directory)):
@@ -525,11 +519,9 @@ class TinyImageNetFolder:
   dirname: str = "tiny-imagenet-200"
 
   def find(self, name: str, split: str, data_dir: str | None, looked: list[str]) -> Hashable | None:
-    root, why = _data_root(data_dir)
-    if root is None:
-      looked.append(f"{self.dirname}/ under $CALIBJAX_DATA_DIR (not set)")
+    directory, why = _dataset_dir(self.dirname, data_dir, looked)
+    if directory is None:
       return None
-    directory = os.path.join(root, self.dirname)
     needed = ("wnids.txt", "train") if split == "train" else ("wnids.txt", "val/val_annotations.txt", "val/images")
     if all(os.path.exists(os.path.join(directory, n)) for n in needed):
       return os.path.realpath(directory)
@@ -584,11 +576,9 @@ class CorruptedNpy:
   severity: int
 
   def find(self, name: str, split: str, data_dir: str | None, looked: list[str]) -> Hashable | None:
-    root, why = _data_root(data_dir)
-    if root is None:
-      looked.append(f"{self.dirname}/ under $CALIBJAX_DATA_DIR (not set)")
+    directory, why = _dataset_dir(self.dirname, data_dir, looked)
+    if directory is None:
       return None
-    directory = os.path.join(root, self.dirname)
     if split == "train":
       looked.append(f"{self.dirname} (a test split only: train on the clean dataset)")
       return None
