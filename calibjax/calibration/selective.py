@@ -30,15 +30,18 @@ SCORES = ("msp", "max_logit", "neg_entropy")
 def confidence_scores(*, logits: jax.Array, score: str = "msp", temperature: float | jax.Array = 1.0) -> jax.Array:
   """A confidence per row of `logits` (N, K) divided by `temperature` (the post-hoc calibrated score when it is
   TS / MTS's T): "msp" max softmax probability, "max_logit" the largest logit / T, "neg_entropy" sum_k p log p."""
+  if score not in SCORES:
+    raise InvalidInputError(f"unknown confidence score '{score}'; choose one of: {', '.join(SCORES)}")
   z = jnp.asarray(logits, jnp.promote_types(jnp.asarray(logits).dtype, jnp.float32)) / temperature
   if score == "max_logit":
     return jnp.max(z, axis=-1)
-  log_p = jax.nn.log_softmax(z, axis=-1)
-  if score == "msp":
-    return jnp.exp(jnp.max(log_p, axis=-1))
-  if score == "neg_entropy":
-    return jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
-  raise InvalidInputError(f"unknown confidence score '{score}'; choose one of: {', '.join(SCORES)}")
+  return _probability_scores(jax.nn.softmax(z, axis=-1))[score]
+
+
+def _probability_scores(probs: jax.Array) -> dict:
+  """The MSP and the negative entropy (0 log 0 = 0) of each row of `probs`."""
+  plogp = jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1)), 0)
+  return {"msp": jnp.max(probs, axis=-1), "neg_entropy": jnp.sum(plogp, axis=-1)}
 
 
 def _check(scores, correct):
@@ -114,8 +117,7 @@ def selective_report(*, probs: jax.Array, labels: jax.Array, logits: jax.Array |
   and, when `logits` are given, their max logit (whose ranking no temperature changes)."""
   probs, labels = jnp.asarray(probs, jnp.float32), jnp.asarray(labels)
   correct = (jnp.argmax(probs, axis=-1) == labels).astype(jnp.float32)
-  scores = {"msp": jnp.max(probs, axis=-1),
-            "neg_entropy": jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1)), 0), -1)}
+  scores = _probability_scores(probs)
   if logits is not None:
     scores["max_logit"] = jnp.max(jnp.asarray(logits, jnp.float32), axis=-1)
   report = {}
