@@ -86,18 +86,18 @@ def calibrate_and_report(*, logits_fn: LogitsFn, val_images: np.ndarray, val_lab
   results["mts"].update(temperature=mts_temperature, ratio=float(selection["ratio"]),
                         ratio_selection=_jsonable(selection["table"]), ratio_selected_on=selected_on)
   temperatures = {"raw": 1.0, "ts": temperature, "mts": mts_temperature}
+  test_probs = {name: np.asarray(jax.nn.softmax(logits)) for name, logits in scaled.items()}
   for name, t in temperatures.items():
     results[name].update(uncertainty_report(
-        val_probs=jax.nn.softmax(val_logits / t), val_labels=val_labels, test_probs=jax.nn.softmax(test_logits / t),
+        val_probs=jax.nn.softmax(val_logits / t), val_labels=val_labels, test_probs=test_probs[name],
         test_labels=test_labels, test_logits=test_logits, cfg=cfg, key=key))
   if plot_path is not None:
-    probs = {f"{name} (T={t:.2f})": (np.asarray(jax.nn.softmax(logits)), test_labels)
-             for (name, logits), t in zip(scaled.items(), temperatures.values())}
-    plots.plot_reliability_grid(plot_path, probs, n_bins=cfg.n_bins)
+    panels = {f"{name} (T={t:.2f})": (test_probs[name], test_labels) for name, t in temperatures.items()}
+    plots.plot_reliability_grid(plot_path, panels, n_bins=cfg.n_bins)
     correct = np.argmax(test_logits, -1) == test_labels
     curves = {}
-    for name, logits in scaled.items():
-      coverage, risk = selective.risk_coverage(scores=np.max(jax.nn.softmax(logits), -1), correct=correct)
+    for name, probs in test_probs.items():
+      coverage, risk = selective.risk_coverage(scores=np.max(probs, -1), correct=correct)
       curves[f"{name} (MSP, AURC {100 * results[name]['aurc']:.2f} %)"] = (100 * np.asarray(coverage),
                                                                              100 * np.asarray(risk))
     plots.plot_curves(risk_coverage_path(plot_path), curves, xlabel="coverage %", ylabel="selective risk %")
