@@ -40,6 +40,12 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ.pop(CACHE_VARIABLE), ignore_errors=True)
 
 
+def pytest_collection_modifyitems(items):
+  """The end-to-end (`slow`) tests first, in their collected order: a long test started near the end would leave
+  the other pytest-xdist worker idle while it runs; short tests fill the tail instead."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def smoke_evaluation(tmp_path_factory):
   """A finished configs/evaluate.py:smoke,baseline=random run (2 networks on 2 random real digits per class,

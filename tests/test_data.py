@@ -241,6 +241,22 @@ def test_digits():
   np.testing.assert_array_equal(np.bincount(train.labels) + np.bincount(test.labels), counts)
 
 
+def test_digits_file_reads_what_load_digits_gives():
+  from sklearn.datasets import load_digits
+
+  source = sources.SklearnDigits()
+  location = source.find("digits", "train", None, [])
+  assert location.endswith("digits.csv.gz")  # read without importing scikit-learn
+  for split in ("train", "test"):
+    from_file, from_sklearn = (source.read(split, where) for where in (location, "sklearn.datasets.load_digits"))
+    np.testing.assert_array_equal(from_file.images, from_sklearn.images)
+    np.testing.assert_array_equal(from_file.labels, from_sklearn.labels)
+  digits = load_digits()
+  train = source.read("train", location)
+  first = np.flatnonzero(digits.target == train.labels[0])  # a row of the file, scaled to [0, 1]
+  assert any(np.array_equal(train.images[0, :, :, 0], digits.images[i] / 16) for i in first)
+
+
 def test_missing_dataset_names_every_place(tmp_path):
   with pytest.raises(DatasetNotFoundError) as info:
     data.load("fashion_mnist", "train", data_dir=str(tmp_path))

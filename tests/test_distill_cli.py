@@ -121,6 +121,8 @@ def test_evaluate_a_distilled_set(evaluated):
       values = [n[stage][metric] for n in nets]
       assert summary[stage][metric]["mean"] == pytest.approx(np.mean(values))
       assert summary[stage][metric]["std"] == pytest.approx(np.std(values))
+      # Two networks: a quarter of the resamples repeat each one, so the 95 % interval spans exactly both.
+      assert summary[stage][metric]["ci95"] == [min(values), max(values)]
     assert summary[stage]["accuracy"]["mean"] == summary["raw"]["accuracy"]["mean"]
   for stage in ("ts", "mts"):
     expected = np.mean([n[stage]["over_calibrated"] for n in nets])

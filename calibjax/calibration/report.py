@@ -27,7 +27,8 @@ from calibjax.calibration import conformal, metrics, plots, posthoc, selective
 from calibjax.data import split_per_class
 from calibjax.errors import ConfigError
 
-# Metrics summarised as mean ± std over networks, for the raw network and after each calibrator.
+# Metrics summarised as mean ± std and a bootstrap 95 % interval over networks, for the raw network and after each
+# calibrator.
 SUMMARY_METRICS = ("accuracy", "nll", "ece", "ece_10", "sce", "ace", "oe", "mce", "brier", "mean_confidence",
                    "confidence_gap", "aurc", "e_aurc", "augrc", "set_size", "set_coverage")
 # The conformal sets' uniform draws: the report's key with this folded in, not a further split, so the MTS masks
@@ -186,13 +187,40 @@ def posthoc_report(name: str, *, val_logits: np.ndarray, val_labels: np.ndarray,
   return report, probs
 
 
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def bootstrap_interval(values, *, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+  """Percentile-bootstrap confidence interval of the mean of `values` (one value per evaluation network).
+
+  `resamples` samples of len(values) values drawn with replacement (numpy's PCG64 from `seed`, so a summary is
+  reproducible); the interval is the (1 - level) / 2 and (1 + level) / 2 quantiles of their means
+  (`metrics.bootstrap_ci` is the same interval over the examples of one network).
+  It describes the spread over networks trained on one set with one seed stream, not over distillation runs; with
+  few networks (5) it is narrower than a Student-t interval, the percentile bootstrap's known small-sample bias.
+  """
+  values = np.asarray(values, np.float64)
+  if values.ndim != 1 or not len(values):
+    raise metrics.InvalidInputError("bootstrap_interval takes a non-empty 1-D sequence of values; got shape "
+                                    f"{values.shape}")
+  if not 0 < level < 1:
+    raise metrics.InvalidInputError(f"level must lie in (0, 1); got {level}")
+  draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+  low, high = np.quantile(values[draws].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+  return float(low), float(high)
+
+
 def summarize_networks(per_network: list[dict]) -> dict:
-  """{stage: {metric: {"mean", "std"}}} over networks (std with ddof=0, as numpy and the references), plus the
-  fraction of networks each calibrator over-calibrated."""
+  """{stage: {metric: {"mean", "std", "ci95"}}} over networks (std with ddof=0, as numpy and the references;
+  ci95: `bootstrap_interval`'s [low, high]), plus the fraction of networks each calibrator over-calibrated."""
   summary = {}
   for stage in ("raw", "ts", "mts"):
-    summary[stage] = {m: {"mean": float(np.mean([r[stage][m] for r in per_network])),
-                          "std": float(np.std([r[stage][m] for r in per_network]))} for m in SUMMARY_METRICS}
+    summary[stage] = {}
+    for m in SUMMARY_METRICS:
+      values = [r[stage][m] for r in per_network]
+      summary[stage][m] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
+                           "ci95": list(bootstrap_interval(values))}
     if stage != "raw":
       summary[stage]["over_calibrated_fraction"] = float(np.mean([r[stage]["over_calibrated"]
                                                                   for r in per_network]))
