@@ -7,7 +7,12 @@
 #   per class (TS / MTS fits, best-epoch selection); CALIBRATORS: the teacher / direct-student calibration
 #   losses (mixup and TS always run); SEEDS: the seeds each row is repeated over; BASELINES=0 runs only the
 #   rows of CALIBRATORS (teacher, direct student, KD(C)), e.g. to add calibrators to a finished table;
-#   ONLY="row ..." runs only those rows (a KD row needs its teacher's row); EXTRA: --config flags for every run.
+#   ONLY="row ..." runs only those rows (a KD row needs its teacher's row); EXTRA: --config flags for every run;
+#   MDCA_BETAS: teachers (teacher_mdca_b<beta>) and their KD(C) students at each MDCA beta, the sweep for a beta
+#   that calibrates the teacher; DIRECT: losses trained only as direct students (student_<loss>: seed 003's
+#   baselines mbls acls cpc crl pskd); AUG_LOSSES: paper 004's augmentation rows also with these KD losses
+#   (aug_<loss>_<mixing>: rkd, crd); CORRUPTION_ROWS: rows whose networks get `analyze study=corruption`
+#   (Fashion-MNIST-C generated here; corruption_<row>_s<seed>, table $TABLE with .md -> _corruption.md).
 # Runs go to $RUNS (runs/fmnist_kd/<row>_s<seed>); the table to $TABLE (experiments/results/fmnist_kd.md).
 #   The committed supplement: CALIBRATORS="mmce adafocal" BASELINES=0 RUNS=runs/fmnist_kd_more \
 #     TABLE=experiments/results/fmnist_kd_mmce_adafocal.md bash experiments/fmnist_kd.sh
@@ -29,6 +34,10 @@ BASELINES=${BASELINES:-1}
 ONLY=${ONLY:-}
 read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a CALIBRATORS <<< "${CALIBRATORS:-mdca focal label_smoothing}"  # + mixup, a mixing, not a loss
+read -r -a MDCA_BETAS <<< "${MDCA_BETAS:-}"
+read -r -a DIRECT <<< "${DIRECT:-}"
+read -r -a AUG_LOSSES <<< "${AUG_LOSSES:-}"
+read -r -a CORRUPTION_ROWS <<< "${CORRUPTION_ROWS:-}"
 mkdir -p "$RUNS" experiments/results
 
 TABLE_MAKER=experiments/make_kd_table.py
@@ -41,8 +50,8 @@ run() {
   main "$workdir" "$@" --config.data.val_per_class="$VAL_PER_CLASS" "${EXTRA[@]}"
 }
 budget="dataset=fashion_mnist,epochs=$EPOCHS,train_per_class=$PER_CLASS"
-train() {  # row, seed, model, extra presets
-  run "$RUNS/${1}_s$2" --config "configs/train.py:protocol=kd,$budget,seed=$2,model=$3$4"
+train() {  # row, seed, model, extra presets, then extra flags
+  run "$RUNS/${1}_s$2" --config "configs/train.py:protocol=kd,$budget,seed=$2,model=$3$4" "${@:5}"
 }
 kd() {  # row, seed, teacher row, presets
   run "$RUNS/${1}_s$2" --config "configs/kd.py:$budget,seed=$2,teacher=$RUNS/${3}_s$2,$4"
@@ -52,12 +61,27 @@ for seed in $SEEDS; do
   for role in teacher student; do
     model=$TEACHER; [ $role = student ] && model=$STUDENT
     for loss in "${CALIBRATORS[@]}"; do train "${role}_$loss" "$seed" "$model" ",loss=$loss"; done
+    if [ $role = teacher ]; then
+      for beta in "${MDCA_BETAS[@]}"; do
+        train "teacher_mdca_b$beta" "$seed" "$model" ",loss=mdca" --config.loss.hparams.beta="$beta"
+      done
+    else
+      for loss in "${DIRECT[@]}"; do train "student_$loss" "$seed" "$model" ",loss=$loss"; done
+    fi
     [ "$BASELINES" = 1 ] || continue
     train "${role}_ce" "$seed" "$model" ""
     train "${role}_mixup" "$seed" "$model" ",mixing=mixup"
   done
   for calibrator in "${CALIBRATORS[@]}"; do
     kd "kd_c_$calibrator" "$seed" "teacher_$calibrator" "recipe=kd_c,student=$STUDENT"
+  done
+  for beta in "${MDCA_BETAS[@]}"; do
+    kd "kd_c_mdca_b$beta" "$seed" "teacher_mdca_b$beta" "recipe=kd_c,student=$STUDENT"
+  done
+  for loss in "${AUG_LOSSES[@]}"; do
+    for mixing in none cutout mixup cutmix; do
+      kd "aug_${loss}_$mixing" "$seed" teacher_ce "recipe=aug,student=$STUDENT,mixing=$mixing,loss=$loss"
+    done
   done
   if [ "$BASELINES" = 1 ]; then
     kd kd_uc "$seed" teacher_ce "recipe=kd_uc,student=$STUDENT"
@@ -74,4 +98,11 @@ for seed in $SEEDS; do
     done
   fi
   table
+  for row in "${CORRUPTION_ROWS[@]}"; do
+    main "$RUNS/corruption_${row}_s$seed" --config configs/analyze.py:study=corruption \
+        --config.analyze.source="$RUNS/${row}_s$seed"
+  done
 done
+if [ ${#CORRUPTION_ROWS[@]} -gt 0 ]; then
+  "$PY" experiments/make_corruption_table.py "$RUNS" > "${TABLE%.md}_corruption.md"
+fi
