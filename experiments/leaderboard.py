@@ -1,6 +1,6 @@
 """The calibration-aware distillation leaderboard from the `evaluate` runs under a directory
-(experiments/leaderboard.sh): `python experiments/leaderboard.py runs/leaderboard experiments/results/leaderboard`
-writes leaderboard.md and leaderboard.png there.
+(experiments/leaderboard.sh): `python experiments/leaderboard.py runs/leaderboard experiments/results/leaderboard.md`
+writes that table and, beside it, leaderboard.png.
 
 One row per (training set, calibrator): the set is a distilled set (DC, DSA, DM, MTT, each with and without MDT)
 or a fair-evaluation control at the same IPC (random real images, herding); the calibrator is none (raw), TS or
@@ -12,7 +12,6 @@ alpha 0.1) are calibrated on the same data as the row's calibrator (raw and labe
 split); their coverage shows whether that data is exchangeable with the test split. Rows are ranked by ECE.
 """
 
-import os
 import sys
 
 import matplotlib
@@ -110,4 +109,4 @@ def main(root: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], os.path.splitext(sys.argv[2])[0])
+  main(sys.argv[1], sys.argv[2].removesuffix(".md"))

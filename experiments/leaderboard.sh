@@ -18,7 +18,7 @@ TABLE=experiments/results/leaderboard
 PROTOCOL=budget=cpu,fit_on=distilled_split,also_fit_on=held_out_real
 mkdir -p "$RUNS"
 
-board() { "$PY" experiments/leaderboard.py "$RUNS" "$TABLE.$$" && mv "$TABLE.$$.md" "$TABLE.md" \
+board() { "$PY" experiments/leaderboard.py "$RUNS" "$TABLE.$$.md" && mv "$TABLE.$$.md" "$TABLE.md" \
   && mv "$TABLE.$$.png" "$TABLE.png"; }
 
 evaluate() {  # run name, then configs/evaluate.py presets (beyond the protocol, each followed by a comma) and flags
