@@ -70,7 +70,7 @@ def table(found: list[dict]) -> list[str]:
 
 def figure(by_ipc: dict, path: str) -> None:
   """Accuracy against ECE, one marker per set, one colour per calibrator, 95 % intervals as error bars."""
-  fig, axes = plt.subplots(1, len(by_ipc), figsize=(7 * len(by_ipc), 5.5), squeeze=False)
+  fig, axes = plt.subplots(1, len(by_ipc), figsize=(6 * len(by_ipc) + 2.5, 5.5), squeeze=False)
   sets = sorted({row["set"] for found in by_ipc.values() for row in found})
   markers = dict(zip(sets, "osD^vP*Xph<>"))
   colours = {label: f"C{i}" for i, (label, _, _, _) in enumerate(CALIBRATORS)}
@@ -86,8 +86,8 @@ def figure(by_ipc: dict, path: str) -> None:
   handles = ([plt.Line2D([], [], marker=markers[s], color="grey", linestyle="none", label=s) for s in sets]
              + [plt.Line2D([], [], marker="s", color=c, linestyle="none", label=label)
                 for label, c in colours.items()])
-  fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0.1, 1, 1))
+  fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
