@@ -69,11 +69,14 @@ def accepted_errors(*, scores: jax.Array, correct: jax.Array) -> jax.Array:
   return before + (rank - first + 1) * group_errors[group] / group_sizes[group]
 
 
-def risk_coverage(*, scores: jax.Array, correct: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(coverages k / N, selective risks r_k), k = 1 ... N: the risk-coverage curve."""
-  errors = accepted_errors(scores=scores, correct=correct)
+def _curve(errors: jax.Array) -> tuple[jax.Array, jax.Array]:
   k = jnp.arange(1, errors.shape[0] + 1, dtype=errors.dtype)
   return k / errors.shape[0], errors / k
+
+
+def risk_coverage(*, scores: jax.Array, correct: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(coverages k / N, selective risks r_k), k = 1 ... N: the risk-coverage curve."""
+  return _curve(accepted_errors(scores=scores, correct=correct))
 
 
 def aurc(*, scores: jax.Array, correct: jax.Array) -> jax.Array:
@@ -96,7 +99,10 @@ def e_aurc(*, scores: jax.Array, correct: jax.Array) -> jax.Array:
 
 def augrc(*, scores: jax.Array, correct: jax.Array) -> jax.Array:
   """Area under the generalised risk-coverage curve, (1/N) sum_k (errors among the k accepted) / N."""
-  errors = accepted_errors(scores=scores, correct=correct)
+  return _augrc(accepted_errors(scores=scores, correct=correct))
+
+
+def _augrc(errors: jax.Array) -> jax.Array:
   return jnp.mean(errors) / errors.shape[0]
 
 
@@ -104,9 +110,11 @@ def selective_risk(*, scores: jax.Array, correct: jax.Array, coverage: float) ->
   """The selective risk when the ceil(coverage · N) most confident predictions (at least one) are accepted."""
   if not 0 < coverage <= 1:
     raise InvalidInputError(f"coverage must be in (0, 1], got {coverage}")
-  errors = accepted_errors(scores=scores, correct=correct)
-  n = errors.shape[0]
-  k = max(1, math.ceil(coverage * n - 1e-9))  # the tolerance: 0.3 * 10 is 3.0000000000000004 in floats
+  return _selective_risk(accepted_errors(scores=scores, correct=correct), coverage)
+
+
+def _selective_risk(errors: jax.Array, coverage: float) -> jax.Array:
+  k = max(1, math.ceil(coverage * errors.shape[0] - 1e-9))  # the tolerance: 0.3 * 10 is 3.0000000000000004
   return errors[k - 1] / k
 
 
@@ -122,9 +130,9 @@ def selective_report(*, probs: jax.Array, labels: jax.Array, logits: jax.Array |
     scores["max_logit"] = jnp.max(jnp.asarray(logits, jnp.float32), axis=-1)
   report = {}
   for score, s in scores.items():
-    report[score] = {"aurc": float(aurc(scores=s, correct=correct)),
-                     "e_aurc": float(e_aurc(scores=s, correct=correct)),
-                     "augrc": float(augrc(scores=s, correct=correct)),
-                     **{f"risk_at_{c:g}": float(selective_risk(scores=s, correct=correct, coverage=c))
-                        for c in coverages}}
+    errors = accepted_errors(scores=s, correct=correct)  # once per score: every statistic below derives from it
+    area = jnp.mean(_curve(errors)[1])
+    report[score] = {"aurc": float(area), "e_aurc": float(area - _oracle_aurc(correct)),
+                     "augrc": float(_augrc(errors)),
+                     **{f"risk_at_{c:g}": float(_selective_risk(errors, c)) for c in coverages}}
   return report
