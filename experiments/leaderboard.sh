@@ -9,29 +9,43 @@
 # experiments/results/fmnist_table1.md), TS / MTS / conformal sets fitted on the distilled split and on 100 held-out
 # real images per class. Variables: IPCS (default "1 10"), SETS (default "dc dsa dm mtt dc_mdt dsa_mdt dm_mdt
 # mtt_mdt"), VARIANTS (default "loss=ce loss=label_smoothing").
-# Runs go to runs/leaderboard/; the table and figure to experiments/results/leaderboard.{md,png}.
+# Runs go to runs/leaderboard/; each finished run's results.json is copied to experiments/results/leaderboard_runs/
+# (committed: runs/ does not outlive a session, and a run whose results are there is not repeated), from which the
+# table and figure are written to experiments/results/leaderboard.{md,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
 RUNS=runs/leaderboard
 TABLE=experiments/results/leaderboard
+RESULTS=experiments/results/leaderboard_runs
 PROTOCOL=budget=cpu,fit_on=distilled_split,also_fit_on=held_out_real
 mkdir -p "$RUNS"
 
-board() { "$PY" experiments/leaderboard.py "$RUNS" "$TABLE.$$.md" && mv "$TABLE.$$.md" "$TABLE.md" \
+board() { "$PY" experiments/leaderboard.py "$RESULTS" "$TABLE.$$.md" && mv "$TABLE.$$.md" "$TABLE.md" \
   && mv "$TABLE.$$.png" "$TABLE.png"; }
+
+finished() {  # whether every variant of run name $1 has its results in $RESULTS
+  local variant
+  for variant in ${VARIANTS:-loss=ce loss=label_smoothing}; do
+    [ -f "$RESULTS/${1}_${variant#*=}_eval/results.json" ] || return 1
+  done
+}
 
 evaluate() {  # run name, then configs/evaluate.py presets (beyond the protocol, each followed by a comma) and flags
   local name=$1 presets=$2; shift 2
+  local run
   for variant in ${VARIANTS:-loss=ce loss=label_smoothing}; do
-    main "$RUNS/${name}_${variant#*=}_eval" --config "configs/evaluate.py:$PROTOCOL,$presets$variant" "$@"
+    run=${name}_${variant#*=}_eval
+    [ -f "$RESULTS/$run/results.json" ] && continue
+    main "$RUNS/$run" --config "configs/evaluate.py:$PROTOCOL,$presets$variant" "$@"
+    mkdir -p "$RESULTS/$run" && cp "$RUNS/$run/results.json" "$RESULTS/$run/"
     board
   done
 }
 
 for ipc in ${IPCS:-1 10}; do
   evaluate "random_ipc$ipc" "baseline=random,ipc=$ipc,"
-  main runs/quickstart --config configs/quickstart.py
+  finished "herding_ipc$ipc" || main runs/quickstart --config configs/quickstart.py
   evaluate "herding_ipc$ipc" "baseline=herding,ipc=$ipc," --config.evaluate.herding_model=runs/quickstart
   for name in ${SETS:-dc dsa dm mtt dc_mdt dsa_mdt dm_mdt mtt_mdt}; do
     method=${name%%_*}
