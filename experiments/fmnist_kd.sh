@@ -13,7 +13,10 @@
 #   baselines mbls acls cpc crl pskd); AUG_LOSSES: paper 004's augmentation rows also with these KD losses
 #   (aug_<loss>_<mixing>: rkd, crd); CORRUPTION_ROWS: rows whose networks get `analyze study=corruption`
 #   (Fashion-MNIST-C generated here; corruption_<row>_s<seed>, table $TABLE with .md -> _corruption.md).
-# Runs go to $RUNS (runs/fmnist_kd/<row>_s<seed>); the table to $TABLE (experiments/results/fmnist_kd.md).
+# Runs go to $RUNS (runs/fmnist_kd/<row>_s<seed>); the table to $TABLE (experiments/results/fmnist_kd.md). When a
+#   seed's rows are finished, their results.json and config.json are copied to $KEEP (default: $TABLE without .md,
+#   then _runs/; committed, as runs/ does not outlive a session) with a marker seed<seed>.done, and a seed with
+#   that marker is not run again (delete it to add rows to that seed); the tables are written from $KEEP and $RUNS.
 #   The committed supplement: CALIBRATORS="mmce adafocal" BASELINES=0 RUNS=runs/fmnist_kd_more \
 #     TABLE=experiments/results/fmnist_kd_mmce_adafocal.md bash experiments/fmnist_kd.sh
 # Per seed: teachers and directly trained students with each calibration loss (the same protocol); KD(UC) from
@@ -30,6 +33,7 @@ VAL_PER_CLASS=${VAL_PER_CLASS:-50}
 SEEDS=${SEEDS:-"0 1 2"}
 RUNS=${RUNS:-runs/fmnist_kd}
 TABLE=${TABLE:-experiments/results/fmnist_kd.md}
+KEEP=${KEEP:-${TABLE%.md}_runs}
 BASELINES=${BASELINES:-1}
 ONLY=${ONLY:-}
 read -r -a EXTRA <<< "${EXTRA:-}"
@@ -38,7 +42,7 @@ read -r -a MDCA_BETAS <<< "${MDCA_BETAS:-}"
 read -r -a DIRECT <<< "${DIRECT:-}"
 read -r -a AUG_LOSSES <<< "${AUG_LOSSES:-}"
 read -r -a CORRUPTION_ROWS <<< "${CORRUPTION_ROWS:-}"
-mkdir -p "$RUNS" experiments/results
+mkdir -p "$RUNS" "$KEEP"
 
 TABLE_MAKER=experiments/make_kd_table.py
 
@@ -57,7 +61,20 @@ kd() {  # row, seed, teacher row, presets
   run "$RUNS/${1}_s$2" --config "configs/kd.py:$budget,seed=$2,teacher=$RUNS/${3}_s$2,$4"
 }
 
+# Every finished run of $RUNS and every kept one, side by side in one directory for the table makers.
+tables() {
+  local both; both=$(mktemp -d)
+  ln -s "$(realpath "$KEEP")"/*_s[0-9]* "$both"/ 2>/dev/null || true
+  ln -s "$(realpath "$RUNS")"/*_s[0-9]* "$both"/ 2>/dev/null || true
+  "$PY" "$TABLE_MAKER" "$both" > "$TABLE.$$" && mv "$TABLE.$$" "$TABLE"
+  if [ ${#CORRUPTION_ROWS[@]} -gt 0 ]; then
+    "$PY" experiments/make_corruption_table.py "$both" > "${TABLE%.md}_corruption.md"
+  fi
+  rm -r "$both"
+}
+
 for seed in $SEEDS; do
+  [ -f "$KEEP/seed$seed.done" ] && continue
   for role in teacher student; do
     model=$TEACHER; [ $role = student ] && model=$STUDENT
     for loss in "${CALIBRATORS[@]}"; do train "${role}_$loss" "$seed" "$model" ",loss=$loss"; done
@@ -97,12 +114,16 @@ for seed in $SEEDS; do
       previous=self_gen$generation
     done
   fi
-  table
   for row in "${CORRUPTION_ROWS[@]}"; do
     main "$RUNS/corruption_${row}_s$seed" --config configs/analyze.py:study=corruption \
         --config.analyze.source="$RUNS/${row}_s$seed"
   done
+  for workdir in "$RUNS"/*_s"$seed"; do
+    [ -f "$workdir/results.json" ] || continue
+    mkdir -p "$KEEP/$(basename "$workdir")"
+    cp "$workdir/results.json" "$workdir/config.json" "$KEEP/$(basename "$workdir")/"
+  done
+  [ -n "$ONLY" ] || touch "$KEEP/seed$seed.done"  # a seed run with ONLY may still lack rows
+  tables
 done
-if [ ${#CORRUPTION_ROWS[@]} -gt 0 ]; then
-  "$PY" experiments/make_corruption_table.py "$RUNS" > "${TABLE%.md}_corruption.md"
-fi
+tables

@@ -46,6 +46,8 @@ def main(root: str) -> None:
   runs = collections.defaultdict(list)
   for path in glob.glob(os.path.join(root, "*_s[0-9]*", "results.json")):
     workdir = os.path.dirname(path)
+    if os.path.basename(workdir).startswith("corruption_"):  # analyze runs: experiments/make_corruption_table.py
+      continue
     with open(path) as f, open(os.path.join(workdir, "config.json")) as g:
       runs[re.sub(r"_s[0-9]+$", "", os.path.basename(workdir))].append((json.load(f), json.load(g)))
   header = ["run", "model", "trained with", "seeds", "epochs", "acc %", "val acc best / last %", "NLL", "ECE15 %",
