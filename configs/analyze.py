@@ -15,7 +15,8 @@ smoke (two MTS ratios, small evaluation batches; corruption: 2 corruptions x sev
 is a finished evaluate run (svd_spectrum: a distill workdir or its .npz; corruption: a train or kd run),
 `analyze.reference` an optional finished train run on full data (max_logit's Fig. 2a). corruption's settings:
 `analyze.corruption_data` (generated | official: the CIFAR-10-C / CIFAR-100-C arrays), `analyze.corruptions`,
-`analyze.severities`.
+`analyze.severities`, `analyze.corruption_test_images` (a class-balanced subset of the test split per setting, for
+CPU budgets; 0: all of it, the benchmark's protocol).
 """
 
 import ml_collections
@@ -45,6 +46,7 @@ def get_config(arg=None):
   a.corruption_data = "generated"  # corruption: generated from the clean test split, or "official" CIFAR-C arrays
   a.corruptions = GENERATED
   a.severities = (1, 2, 3, 4, 5)
+  a.corruption_test_images = 0  # corruption: class-balanced test images scored per setting; 0: the whole split
   if preset.smoke:
     config_lib.smoke(c)
     a.tsne_images = 100

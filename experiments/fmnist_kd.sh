@@ -12,7 +12,8 @@
 #   that calibrates the teacher; DIRECT: losses trained only as direct students (student_<loss>: seed 003's
 #   baselines mbls acls cpc crl pskd); AUG_LOSSES: paper 004's augmentation rows also with these KD losses
 #   (aug_<loss>_<mixing>: rkd, crd); CORRUPTION_ROWS: rows whose networks get `analyze study=corruption`
-#   (Fashion-MNIST-C generated here; corruption_<row>_s<seed>, table $TABLE with .md -> _corruption.md).
+#   (Fashion-MNIST-C generated here; corruption_<row>_s<seed>, table $TABLE with .md -> _corruption.md);
+#   CORRUPTION_IMAGES: class-balanced test images scored per corruption and severity (default 0: all 10 000).
 # Runs go to $RUNS (runs/fmnist_kd/<row>_s<seed>); the table to $TABLE (experiments/results/fmnist_kd.md). When a
 #   seed's rows are finished, their results.json and config.json are copied to $KEEP (default: $TABLE without .md,
 #   then _runs/; committed, as runs/ does not outlive a session) with a marker seed<seed>.done, and a seed with
@@ -116,7 +117,7 @@ for seed in $SEEDS; do
   fi
   for row in "${CORRUPTION_ROWS[@]}"; do
     main "$RUNS/corruption_${row}_s$seed" --config configs/analyze.py:study=corruption \
-        --config.analyze.source="$RUNS/${row}_s$seed"
+        --config.analyze.source="$RUNS/${row}_s$seed" --config.analyze.corruption_test_images="${CORRUPTION_IMAGES:-0}"
   done
   for workdir in "$RUNS"/*_s"$seed"; do
     [ -f "$workdir/results.json" ] || continue

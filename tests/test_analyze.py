@@ -108,6 +108,18 @@ def test_corruption_study_of_a_trained_network(tmp_path, smoke_teacher):
   assert [row["severity"] for row in results["mean_by_severity"]] == [1, 5]
   assert results["mean_by_severity"][1]["mts"]["ece"] == pytest.approx(
       (results["corrupted"][1]["mts"]["ece"] + contrast5["mts"]["ece"]) / 2)
+  assert results["test_images"] == source["budget"]["test_examples"]
+
+
+@pytest.mark.slow
+def test_corruption_study_on_a_class_balanced_test_subset(tmp_path, smoke_teacher):
+  from calibjax.main import run
+  results = run("configs/analyze.py:smoke,study=corruption", str(tmp_path / "subset"),
+                {"analyze.source": smoke_teacher, "analyze.corruption_test_images": 20,
+                 "analyze.corruptions": ("contrast",), "analyze.severities": (5,)}, quiet=True)
+  assert results["test_images"] == 20  # 2 per digit class
+  for scored in (results["clean"], results["corrupted"][0]):
+    assert 20 * scored["raw"]["accuracy"] == pytest.approx(round(20 * scored["raw"]["accuracy"]), abs=1e-5)
 
 
 @pytest.mark.slow
@@ -118,7 +130,8 @@ def test_corruption_settings_the_data_lack_are_refused_before_any_work(tmp_path,
   for override, message in (({"analyze.corruption_data": "official"}, "official corrupted arrays exist for cifar10 "
                                                                       "and cifar100, not digits"),
                             ({"analyze.corruptions": ("frost",)}, "analyze.corruptions has frost"),
-                            ({"analyze.severities": (6,)}, "analyze.severities")):
+                            ({"analyze.severities": (6,)}, "analyze.severities"),
+                            ({"analyze.corruption_test_images": -1}, "analyze.corruption_test_images must be")):
     with pytest.raises(ConfigError, match=message):
       run("configs/analyze.py:smoke,study=corruption", str(tmp_path / next(iter(override))),
           {"analyze.source": smoke_teacher, **override}, quiet=True)

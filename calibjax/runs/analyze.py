@@ -217,6 +217,9 @@ def _check_corruption_settings(cfg, data) -> None:
   if cfg.corruption_data not in CORRUPTION_DATA:
     raise ConfigError(f"analyze.corruption_data must be one of {', '.join(CORRUPTION_DATA)}; got "
                       f"'{cfg.corruption_data}'")
+  if cfg.corruption_test_images < 0:
+    raise ConfigError(f"analyze.corruption_test_images must be 0 (the whole test split) or a positive count; got "
+                      f"{cfg.corruption_test_images}")
   if cfg.corruption_data == "official" and data.name not in OFFICIAL_CORRUPTED:
     raise ConfigError(f"official corrupted arrays exist for cifar10 and cifar100, not {data.name}; use "
                       "--config.analyze.corruption_data=generated")
@@ -227,8 +230,9 @@ def _check_corruption_settings(cfg, data) -> None:
                       f"choose from {', '.join(known)}")
 
 
-def _corrupted_sets(config, restored):
-  """(corruption, severity, images in the run's input space, labels) for each setting of `config.analyze`."""
+def _corrupted_sets(config, restored, pick):
+  """(corruption, severity, images in the run's input space, labels) for each setting of `config.analyze`, of the
+  test images `pick` indexes (the official arrays hold the test split in its order, once per severity)."""
   cfg, data = config.analyze, restored.config.data
   data_dir = data.data_dir or None
   clean = data_lib.load(data.name, "test", data_dir=data_dir) if cfg.corruption_data == "generated" else None
@@ -236,10 +240,11 @@ def _corrupted_sets(config, restored):
     for severity in cfg.severities:
       if clean is None:
         shifted = data_lib.load(f"{OFFICIAL_CORRUPTED[data.name]}:{name}:{severity}", "test", data_dir=data_dir)
-        images, labels = shifted.images, shifted.labels
+        images, labels = shifted.images[pick], shifted.labels[pick]
       else:
-        images = corruptions.corrupt(clean.images, corruption=name, severity=severity, seed=restored.config.seed)
-        labels = clean.labels
+        images = corruptions.corrupt(clean.images[pick], corruption=name, severity=severity,
+                                     seed=restored.config.seed)
+        labels = clean.labels[pick]
       yield name, severity, data_lib.apply_transforms(images, restored.splits.transforms), labels
 
 
@@ -257,9 +262,14 @@ def corruption(config, run_dir) -> dict:
                    "nll": float(metrics.nll_from_logits(logits=logits / t, labels=labels))}
             for name, t in temperatures.items()}
 
-  clean = scores(jnp.asarray(logits_fn(restored.splits.test_images)), restored.splits.test_labels)
+  splits = restored.splits
+  pick = np.arange(len(splits.test_labels))
+  if cfg.corruption_test_images:
+    pick = np.sort(class_balanced_indices(splits.test_labels, max(1, cfg.corruption_test_images // splits.num_classes),
+                                          seed=config.seed, num_classes=splits.num_classes))
+  clean = scores(jnp.asarray(logits_fn(splits.test_images[pick])), splits.test_labels[pick])
   rows = [{"corruption": name, "severity": severity, **scores(jnp.asarray(logits_fn(images)), labels)}
-          for name, severity, images, labels in _corrupted_sets(config, restored)]
+          for name, severity, images, labels in _corrupted_sets(config, restored, pick)]
   severities = sorted({row["severity"] for row in rows})
   mean = lambda severity, cal, key: float(np.mean([r[cal][key] for r in rows if r["severity"] == severity]))
   by_severity = [{"severity": s, **{cal: {key: mean(s, cal, key) for key in ("accuracy", "ece", "nll")}
@@ -272,7 +282,7 @@ def corruption(config, run_dir) -> dict:
                                + [100 * (1 - row["raw"]["accuracy"]) for row in by_severity])},
       xlabel="severity (0 = clean; mean over corruptions)", ylabel="%")
   return {"clean": clean, "corrupted": rows, "mean_by_severity": by_severity, "temperatures": temperatures,
-          "corruption_data": cfg.corruption_data}
+          "corruption_data": cfg.corruption_data, "test_images": len(pick)}
 
 
 def tsne(config, run_dir) -> dict:
