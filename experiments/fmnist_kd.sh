@@ -14,10 +14,10 @@
 #   (aug_<loss>_<mixing>: rkd, crd); CORRUPTION_ROWS: rows whose networks get `analyze study=corruption`
 #   (Fashion-MNIST-C generated here; corruption_<row>_s<seed>, table $TABLE with .md -> _corruption.md);
 #   CORRUPTION_IMAGES: class-balanced test images scored per corruption and severity (default 0: all 10 000).
-# Runs go to $RUNS (runs/fmnist_kd/<row>_s<seed>); the table to $TABLE (experiments/results/fmnist_kd.md). When a
-#   seed's rows are finished, their results.json and config.json are copied to $KEEP (default: $TABLE without .md,
-#   then _runs/; committed, as runs/ does not outlive a session) with a marker seed<seed>.done, and a seed with
-#   that marker is not run again (delete it to add rows to that seed); the tables are written from $KEEP and $RUNS.
+# Runs go to $RUNS (runs/fmnist_kd/<row>_s<seed>); the table to $TABLE (experiments/results/fmnist_kd.md). Each
+#   finished run's results.json and config.json are copied to $KEEP (default: $TABLE without .md, then _runs/;
+#   committed, as runs/ does not outlive a session); a kept run is not repeated unless a run still to come needs
+#   its checkpoint; the tables are written from $KEEP.
 #   The committed supplement: CALIBRATORS="mmce adafocal" BASELINES=0 RUNS=runs/fmnist_kd_more \
 #     TABLE=experiments/results/fmnist_kd_mmce_adafocal.md bash experiments/fmnist_kd.sh
 # Per seed: teachers and directly trained students with each calibration loss (the same protocol); KD(UC) from
@@ -47,22 +47,51 @@ mkdir -p "$RUNS" "$KEEP"
 
 TABLE_MAKER=experiments/make_kd_table.py
 
-# lib.sh's main with the flags of every run, unless ONLY leaves the workdir's row out.
+# The script body runs twice: PASS=plan records which run needs which (a KD student its teacher, a corruption run its
+# source); PASS=run then runs every row that is neither kept nor excluded by ONLY, and every kept row whose
+# checkpoint a row still to run needs (runs/ does not outlive a session; the runs are deterministic, so a rerun
+# teacher is the one its kept results describe, on the same machine).
+declare -A DEPENDENTS
+PASS=plan
+selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" ${1%_s*} "* ]]; }
+kept() { [ -f "$KEEP/$1/results.json" ]; }
+needed() {  # whether a run still to come needs run $1's checkpoint
+  local dependent
+  for dependent in ${DEPENDENTS[$1]:-}; do
+    if ! kept "$dependent" || needed "$dependent"; then return 0; fi
+  done
+  return 1
+}
+depends() {  # run $1 needs the checkpoint of run $2
+  [ $PASS = plan ] && selected "$1" && DEPENDENTS[$2]+=" $1"
+  return 0
+}
+# lib.sh's main for run $RUNS/$1 unless it is not selected, or kept and not needed; its results are then kept.
 run() {
-  local workdir=$1; shift
-  local row; row=$(basename "$workdir"); row=${row%_s*}
-  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $row "* ]]; then return 0; fi
-  main "$workdir" "$@" --config.data.val_per_class="$VAL_PER_CLASS" "${EXTRA[@]}"
+  local name=$1; shift
+  [ $PASS = run ] && selected "$name" || return 0
+  if kept "$name" && ! needed "$name"; then return 0; fi
+  main "$RUNS/$name" "$@"
+  mkdir -p "$KEEP/$name" && cp "$RUNS/$name/results.json" "$RUNS/$name/config.json" "$KEEP/$name/"
 }
 budget="dataset=fashion_mnist,epochs=$EPOCHS,train_per_class=$PER_CLASS"
 train() {  # row, seed, model, extra presets, then extra flags
-  run "$RUNS/${1}_s$2" --config "configs/train.py:protocol=kd,$budget,seed=$2,model=$3$4" "${@:5}"
+  run "${1}_s$2" --config "configs/train.py:protocol=kd,$budget,seed=$2,model=$3$4" "${@:5}" \
+      --config.data.val_per_class="$VAL_PER_CLASS" "${EXTRA[@]}"
 }
 kd() {  # row, seed, teacher row, presets
-  run "$RUNS/${1}_s$2" --config "configs/kd.py:$budget,seed=$2,teacher=$RUNS/${3}_s$2,$4"
+  depends "${1}_s$2" "${3}_s$2"
+  run "${1}_s$2" --config "configs/kd.py:$budget,seed=$2,teacher=$RUNS/${3}_s$2,$4" \
+      --config.data.val_per_class="$VAL_PER_CLASS" "${EXTRA[@]}"
+}
+corruption() {  # source row, seed
+  depends "corruption_${1}_s$2" "${1}_s$2"
+  run "corruption_${1}_s$2" --config configs/analyze.py:study=corruption \
+      --config.analyze.source="$RUNS/${1}_s$2" --config.analyze.corruption_test_images="${CORRUPTION_IMAGES:-0}"
 }
 
-# Every finished run of $RUNS and every kept one, side by side in one directory for the table makers.
+# The kept runs (and those of $RUNS not kept, from before this script kept runs), side by side in one directory
+# for the table makers.
 tables() {
   local both; both=$(mktemp -d)
   ln -s "$(realpath "$KEEP")"/*_s[0-9]* "$both"/ 2>/dev/null || true
@@ -74,8 +103,8 @@ tables() {
   rm -r "$both"
 }
 
+body() {
 for seed in $SEEDS; do
-  [ -f "$KEEP/seed$seed.done" ] && continue
   for role in teacher student; do
     model=$TEACHER; [ $role = student ] && model=$STUDENT
     for loss in "${CALIBRATORS[@]}"; do train "${role}_$loss" "$seed" "$model" ",loss=$loss"; done
@@ -115,16 +144,10 @@ for seed in $SEEDS; do
       previous=self_gen$generation
     done
   fi
-  for row in "${CORRUPTION_ROWS[@]}"; do
-    main "$RUNS/corruption_${row}_s$seed" --config configs/analyze.py:study=corruption \
-        --config.analyze.source="$RUNS/${row}_s$seed" --config.analyze.corruption_test_images="${CORRUPTION_IMAGES:-0}"
-  done
-  for workdir in "$RUNS"/*_s"$seed"; do
-    [ -f "$workdir/results.json" ] || continue
-    mkdir -p "$KEEP/$(basename "$workdir")"
-    cp "$workdir/results.json" "$workdir/config.json" "$KEEP/$(basename "$workdir")/"
-  done
-  [ -n "$ONLY" ] || touch "$KEEP/seed$seed.done"  # a seed run with ONLY may still lack rows
-  tables
+  for row in "${CORRUPTION_ROWS[@]}"; do corruption "$row" "$seed"; done
+  [ $PASS = plan ] || tables
 done
-tables
+}
+body
+PASS=run
+body
