@@ -54,7 +54,6 @@ TABLE_MAKER=experiments/make_kd_table.py
 declare -A DEPENDENTS
 PASS=plan
 selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" ${1%_s*} "* ]]; }
-kept() { [ -f "$KEEP/$1/results.json" ]; }
 needed() {  # whether a run still to come needs run $1's checkpoint
   local dependent
   for dependent in ${DEPENDENTS[$1]:-}; do
@@ -72,7 +71,7 @@ run() {
   [ $PASS = run ] && selected "$name" || return 0
   if kept "$name" && ! needed "$name"; then return 0; fi
   main "$RUNS/$name" "$@"
-  mkdir -p "$KEEP/$name" && cp "$RUNS/$name/results.json" "$RUNS/$name/config.json" "$KEEP/$name/"
+  keep "$RUNS/$name"
 }
 budget="dataset=fashion_mnist,epochs=$EPOCHS,train_per_class=$PER_CLASS"
 train() {  # row, seed, model, extra presets, then extra flags

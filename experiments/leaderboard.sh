@@ -9,25 +9,24 @@
 # experiments/results/fmnist_table1.md), TS / MTS / conformal sets fitted on the distilled split and on 100 held-out
 # real images per class. Variables: IPCS (default "1 10"), SETS (default "dc dsa dm mtt dc_mdt dsa_mdt dm_mdt
 # mtt_mdt"), VARIANTS (default "loss=ce loss=label_smoothing").
-# Runs go to runs/leaderboard/; each finished run's results.json is copied to experiments/results/leaderboard_runs/
-# (committed: runs/ does not outlive a session, and a run whose results are there is not repeated), from which the
-# table and figure are written to experiments/results/leaderboard.{md,png}.
+# Runs go to runs/leaderboard/ and are kept in experiments/results/leaderboard_runs/ (experiments/lib.sh KEEP), from
+# which the table and figure are written to experiments/results/leaderboard.{md,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
 RUNS=runs/leaderboard
 TABLE=experiments/results/leaderboard
-RESULTS=experiments/results/leaderboard_runs
+KEEP=experiments/results/leaderboard_runs
 PROTOCOL=budget=cpu,fit_on=distilled_split,also_fit_on=held_out_real
 mkdir -p "$RUNS"
 
-board() { "$PY" experiments/leaderboard.py "$RESULTS" "$TABLE.$$.md" && mv "$TABLE.$$.md" "$TABLE.md" \
+board() { "$PY" experiments/leaderboard.py "$KEEP" "$TABLE.$$.md" && mv "$TABLE.$$.md" "$TABLE.md" \
   && mv "$TABLE.$$.png" "$TABLE.png"; }
 
-finished() {  # whether every variant of run name $1 has its results in $RESULTS
+finished() {  # whether every variant of run name $1 is kept
   local variant
   for variant in ${VARIANTS:-loss=ce loss=label_smoothing}; do
-    [ -f "$RESULTS/${1}_${variant#*=}_eval/results.json" ] || return 1
+    kept "${1}_${variant#*=}_eval" || return 1
   done
 }
 
@@ -36,9 +35,9 @@ evaluate() {  # run name, then configs/evaluate.py presets (beyond the protocol,
   local run
   for variant in ${VARIANTS:-loss=ce loss=label_smoothing}; do
     run=${name}_${variant#*=}_eval
-    [ -f "$RESULTS/$run/results.json" ] && continue
+    kept "$run" && continue
     main "$RUNS/$run" --config "configs/evaluate.py:$PROTOCOL,$presets$variant" "$@"
-    mkdir -p "$RESULTS/$run" && cp "$RUNS/$run/results.json" "$RESULTS/$run/"
+    keep "$RUNS/$run"
     board
   done
 }

@@ -22,8 +22,9 @@ main() {
   [ -f "$workdir/results.json" ] || "$PY" -m calibjax.main "$@" --workdir "$workdir"
 }
 
-# Written aside and moved, so that two lanes of one script never leave a half-written table.
-table() { "$PY" "$TABLE_MAKER" "$RUNS" > "$TABLE.$$" && mv "$TABLE.$$" "$TABLE"; }
+# Written aside and moved, so that two lanes of one script never leave a half-written table; from the kept runs
+# where the script keeps them (below).
+table() { "$PY" "$TABLE_MAKER" "${KEEP:-$RUNS}" > "$TABLE.$$" && mv "$TABLE.$$" "$TABLE"; }
 
 # Distils $RUNS/$1 with configs/distill.py:$2,budget=cpu, copies its set to $OUT, evaluates it and rewrites the
 # table.
@@ -34,3 +35,9 @@ distill_and_evaluate() {
   main "$RUNS/${name}_eval" --config "configs/evaluate.py:$EVALUATE_PRESETS" --config.evaluate.source="$RUNS/$name"
   table
 }
+
+# Kept runs: runs/ does not outlive a session, so a script that sets KEEP copies each finished run's results.json
+# and config.json to $KEEP/<run>/ (committed with its tables, which are made from there) and does not repeat a
+# kept run.
+kept() { [ -f "$KEEP/$1/results.json" ]; }
+keep() { mkdir -p "$KEEP/$(basename "$1")" && cp "$1/results.json" "$1/config.json" "$KEEP/$(basename "$1")/"; }
