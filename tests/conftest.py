@@ -1,10 +1,10 @@
-"""One persistent XLA compilation cache for every CLI subprocess of a test session, and one smoke train run.
+"""One persistent XLA compilation cache for every CLI subprocess of a test session, and the shared smoke runs.
 
 Many end-to-end tests run the same smoke programs (configs/train.py:smoke alone runs in seven subprocesses);
 with the cache only the first compiles them (a repeated train smoke run took 20 s instead of 51 s here, two
 other jobs sharing the cores). The directory is made by the controlling process, inherited by pytest-xdist
-workers through the environment, and removed at the end of the session. The cache key covers the program, jax version and flags, so a hit runs the
-same executable a compilation would have produced.
+workers through the environment, and removed at the end of the session. The cache key covers the program, jax
+version and flags, so a hit runs the same executable a compilation would have produced.
 
 `smoke_teacher` is a finished configs/train.py:smoke run shared by the train smoke, calibrate, kd and crd
 tests, `smoke_evaluation` a finished evaluate smoke run shared by the calibration-data and analyze tests (each
