@@ -130,6 +130,7 @@ RULES: dict[str, Rule | Callable[[], Rule]] = {
     "analyze.truncation_ks": each(NON_NEGATIVE_INT),
     "analyze.tsne_images": Rule("an integer ≥ 4", lambda v: _int(v) and v >= 4),
     "analyze.severities": each(Rule("a severity 1 ... 5", lambda v: _int(v) and 1 <= v <= 5)),
+    "analyze.corruption_test_images": NON_NEGATIVE_INT,
 }
 # Cadences (`log_every_epochs`, `checkpoint_every_iterations`, ...) in any block.
 CADENCE_PREFIXES = ("log_every_", "checkpoint_every_")
@@ -160,3 +161,9 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     rule = _rule(path)
     if rule is not None and not rule.holds(value):
       raise ConfigError(f"{path} = {value!r} is not allowed: it must be {rule.allowed}")
+  train = config.get("train")
+  if train is not None and train.get("schedule") == "multistep" and "epochs" in train:
+    outside = [m for m in train.get("milestones", ()) if not 0 < m < train.epochs]
+    if outside:  # the multistep schedule's own rule, known before any data is loaded
+      raise ConfigError(f"train.milestones {tuple(train.milestones)} must lie strictly between 0 and train.epochs = "
+                        f"{train.epochs}; change --config.train.milestones or --config.train.epochs")

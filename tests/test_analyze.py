@@ -130,8 +130,7 @@ def test_corruption_settings_the_data_lack_are_refused_before_any_work(tmp_path,
   for override, message in (({"analyze.corruption_data": "official"}, "official corrupted arrays exist for cifar10 "
                                                                       "and cifar100, not digits"),
                             ({"analyze.corruptions": ("frost",)}, "analyze.corruptions has frost"),
-                            ({"analyze.severities": (6,)}, "analyze.severities"),
-                            ({"analyze.corruption_test_images": -1}, "analyze.corruption_test_images must be")):
+                            ({"analyze.severities": (6,)}, "analyze.severities")):
     with pytest.raises(ConfigError, match=message):
       run("configs/analyze.py:smoke,study=corruption", str(tmp_path / next(iter(override))),
           {"analyze.source": smoke_teacher, **override}, quiet=True)

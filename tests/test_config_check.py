@@ -56,6 +56,7 @@ def test_every_value_the_code_accepts_passes():
     ("analyze.ood_dataset", "svhn_typo", "'' (none) or a dataset"),
     ("augment.cutout_size", 2.5, "a fraction of the image side in (0, 1] or a whole number of pixels"),
     ("augment.crop_padding", -1, "augment.crop_padding = -1 is not allowed: it must be an integer ≥ 0"),
+    ("analyze.corruption_test_images", -1, "it must be an integer ≥ 0"),
 ])
 def test_a_value_outside_its_rule_is_refused_in_one_line(key, value, message):
   block, leaf = key.rsplit(".", 1)
@@ -63,3 +64,11 @@ def test_a_value_outside_its_rule_is_refused_in_one_line(key, value, message):
   with pytest.raises(ConfigError, match=None) as error:
     config_check.check_values(config)
   assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_multistep_milestones_outside_the_epochs_are_refused_before_any_data():
+  train = {"epochs": 3, "schedule": "multistep", "milestones": (152,)}
+  with pytest.raises(ConfigError, match=r"train.milestones \(152,\) must lie strictly between 0 and train.epochs = 3"):
+    config_check.check_values(ml_collections.ConfigDict({"train": train}))
+  config_check.check_values(ml_collections.ConfigDict({"train": {**train, "milestones": (2,)}}))
+  config_check.check_values(ml_collections.ConfigDict({"train": {**train, "schedule": "half"}}))  # its own

@@ -217,9 +217,6 @@ def _check_corruption_settings(cfg, data) -> None:
   if cfg.corruption_data not in CORRUPTION_DATA:
     raise ConfigError(f"analyze.corruption_data must be one of {', '.join(CORRUPTION_DATA)}; got "
                       f"'{cfg.corruption_data}'")
-  if cfg.corruption_test_images < 0:
-    raise ConfigError(f"analyze.corruption_test_images must be 0 (the whole test split) or a positive count; got "
-                      f"{cfg.corruption_test_images}")
   if cfg.corruption_data == "official" and data.name not in OFFICIAL_CORRUPTED:
     raise ConfigError(f"official corrupted arrays exist for cifar10 and cifar100, not {data.name}; use "
                       "--config.analyze.corruption_data=generated")
