@@ -10,8 +10,8 @@
 # here unless committed (budget=cpu, 1000 iterations; copied to experiments/results/fmnist_dd/dm_ipc<N>.npz).
 # Each set is evaluated with configs/evaluate.py budget=cpu (5 networks x 301 passes, the reference's schedule,
 # DSA on) for CE, mixup, label smoothing and focal loss; the MDT sets with CE. Variables: IPCS (default "1 10"),
-# METHODS (default "dc dsa mtt dm"), MDT_SETS (default "dc_mdt dsa_mdt dsa_mdtdyn mtt_mdt mtt_mdtdyn"; those of them with a committed set at the IPC), VARIANTS
-# (default "loss=ce mixing=mixup loss=label_smoothing loss=focal").
+# METHODS (default "dc dsa mtt dm"), MDT_SETS (default "dc_mdt dsa_mdt dsa_mdtdyn mtt_mdt mtt_mdtdyn"; those of
+# them with a committed set at the IPC), VARIANTS (default "loss=ce mixing=mixup loss=label_smoothing loss=focal").
 # Runs go to runs/fmnist_table1/ and are kept in experiments/results/fmnist_table1_runs/ (experiments/lib.sh KEEP),
 # from which the tables are written to experiments/results/fmnist_table1.md. The committed rows of that file were
 # made before runs were kept: the script reruns them first (IPC 1; the runs are deterministic on one machine, and
