@@ -31,13 +31,15 @@ POSTHOC_COLUMNS = (("TS (distilled split)", "distilled_split", "ts"),
 
 
 def load(root: str) -> dict:
-  """{(method, mdt, ipc): {(loss, mixing): results.json}} of every `*_eval` run under `root`."""
+  """{(method, mdt, ipc, distillation iterations (0: a random / herding baseline)): {(loss, mixing): results.json}}
+  of every `*_eval` run under `root`."""
   runs = {}
   for path in sorted(glob.glob(os.path.join(root, "*_eval", "results.json"))):
     with open(path) as f:
       results = json.load(f)
     described, budget = results["training_set"], results["budget"]
-    key = (described["method"], described.get("mdt", "off"), described["ipc"])
+    key = (described["method"], described.get("mdt", "off"), described["ipc"],
+           described.get("distill_iterations", 0))
     runs.setdefault(key, {})[budget["loss"], budget["mixing"]] = results
   return runs
 
@@ -75,17 +77,18 @@ def train_time_cell(results, ce_over_confident, metric, counts, column):
 
 
 def table_1(runs: dict, metric: str) -> list[str]:
-  header = ["set", "IPC", "acc % (CE)", "conf − acc % (CE)", "Raw", "MX", "LS", "FL",
+  header = ["set", "IPC", "iterations", "acc % (CE)", "conf − acc % (CE)", "Raw", "MX", "LS", "FL",
             *(column for column, _, _ in POSTHOC_COLUMNS)]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   counts = {}
-  for (method, mdt, ipc), variants in sorted(runs.items(), key=lambda item: (item[0][2], item[0][0])):
+  for (method, mdt, ipc, iterations), variants in sorted(runs.items(), key=lambda item: (item[0][2], item[0][0],
+                                                                                        item[0][3])):
     ce = variants.get(("ce", "none"))
     if mdt != "off" or ce is None:
       continue
     raw = [net["raw"] for net in ce["per_network"]]
     over_confident = float(np.mean([net["confidence_gap"] for net in raw])) > 0
-    row = [method.upper(), str(ipc), cell([net["accuracy"] for net in raw]),
+    row = [method.upper(), str(ipc), str(iterations or "—"), cell([net["accuracy"] for net in raw]),
            cell([net["confidence_gap"] for net in raw]), cell([net[metric] for net in raw])]
     for column, variant in zip(("MX", "LS", "FL"), TRAIN_VARIANTS[1:]):
       row.append(train_time_cell(variants.get(variant), over_confident, metric, counts, column))
@@ -93,20 +96,22 @@ def table_1(runs: dict, metric: str) -> list[str]:
       row.append(posthoc_cell(ce, fit, stage, metric, counts, column))
     lines.append("| " + " | ".join(row) + " |")
   columns = ["MX", "LS", "FL"] + [column for column, _, _ in POSTHOC_COLUMNS]
-  lines.append("| over-calibrated settings | | | | | " + " | ".join(
+  lines.append("| over-calibrated settings | | | | | | " + " | ".join(
       f"{sum(counts.get(c, []))}/{len(counts.get(c, []))}" for c in columns) + " |")
   return lines
 
 
 def table_2(runs: dict, fit_on: str) -> list[str]:
-  """Per backbone and IPC: raw and MTS ECE of the plain set, of its MDT set and of its dynamic-MDT set."""
-  header = ["backbone", "IPC", "acc % (plain / MDT / MDT^ds)", "Raw", "MTS", "MDT", "MDT + MTS", "MDT^ds",
-            "MDT^ds + MTS"]
+  """Per backbone, IPC and distillation iterations: raw and MTS ECE of the plain set, of its MDT set and of its
+  dynamic-MDT set."""
+  header = ["backbone", "IPC", "iterations", "acc % (plain / MDT / MDT^ds)", "Raw", "MTS", "MDT", "MDT + MTS",
+            "MDT^ds", "MDT^ds + MTS"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for method, ipc in sorted({(m, i) for (m, mdt, i) in runs if mdt != "off"}, key=lambda k: (k[1], k[0])):
-    row, accuracies, counts = [method.upper(), str(ipc)], [], {}
+  for method, ipc, iterations in sorted({(m, i, n) for (m, mdt, i, n) in runs if mdt != "off"},
+                                       key=lambda k: (k[1], k[0], k[2])):
+    row, accuracies, counts = [method.upper(), str(ipc), str(iterations)], [], {}
     for mdt in ("off", "fixed", "dynamic"):
-      ce = runs.get((method, mdt, ipc), {}).get(("ce", "none"))
+      ce = runs.get((method, mdt, ipc, iterations), {}).get(("ce", "none"))
       if ce is None:
         row += ["—", "—"]
         accuracies.append("—")
@@ -114,7 +119,7 @@ def table_2(runs: dict, fit_on: str) -> list[str]:
       accuracies.append(f"{100 * ce['summary']['raw']['accuracy']['mean']:.1f}")
       row.append(cell([net["raw"]["ece"] for net in ce["per_network"]]))
       row.append(posthoc_cell(ce, fit_on, "mts", "ece", counts, mdt))
-    row.insert(2, " / ".join(accuracies))
+    row.insert(3, " / ".join(accuracies))
     lines.append("| " + " | ".join(row) + " |")
   return lines
 
