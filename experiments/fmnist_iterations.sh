@@ -22,10 +22,7 @@ ITERATIONS=${ITERATIONS:-1000}
 mkdir -p "$RUNS"
 
 evaluate() {  # run name, set file
-  kept "$1" && return
-  main "$RUNS/$1" --config "configs/evaluate.py:$DD_CALIBRATION_PROTOCOL" --config.evaluate.source="$2"
-  keep "$RUNS/$1"
-  table
+  run_kept "$1" --config "configs/evaluate.py:$DD_CALIBRATION_PROTOCOL" --config.evaluate.source="$2"
 }
 
 for name in ${SETS:-dsa dsa_mdt dc dc_mdt}; do

@@ -29,11 +29,8 @@ evaluate() {  # set name, set file
   local name=$1 file=$2
   for variant in ${VARIANTS:-loss=ce mixing=mixup loss=label_smoothing loss=focal}; do
     if [ "$name" != "${name/mdt/}" ] && [ "$variant" != loss=ce ]; then continue; fi  # MDT sets: CE only
-    kept "${name}_${variant#*=}_eval" && continue
-    main "$RUNS/${name}_${variant#*=}_eval" --config "configs/evaluate.py:$DD_CALIBRATION_PROTOCOL,$variant" \
+    run_kept "${name}_${variant#*=}_eval" --config "configs/evaluate.py:$DD_CALIBRATION_PROTOCOL,$variant" \
         --config.evaluate.source="$file"
-    keep "$RUNS/${name}_${variant#*=}_eval"
-    table
   done
 }
 

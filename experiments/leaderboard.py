@@ -40,16 +40,20 @@ def set_label(method: str, mdt: str) -> str:
 
 
 def rows(runs: dict, ipc: int) -> list[dict]:
-  """The leaderboard rows at `ipc`: {"set", "calibrator", metric: {"mean", "ci95"}} for every run present."""
+  """The leaderboard rows at `ipc`: {"set", "calibrator", metric: {"mean", "ci95"}} for every run present; a set
+  distilled for several iteration counts has one set of rows per count, labelled with it."""
   found = []
-  keys = sorted((key for key in runs if key[2] == ipc), key=lambda k: (SET_ORDER.index(k[0]), k[1]))
-  for method, mdt, _ in keys:
-    variants = runs[method, mdt, ipc]
-    for label, loss, fit_on, stage in CALIBRATORS:
+  keys = sorted((key for key in runs if key[2] == ipc), key=lambda k: (SET_ORDER.index(k[0]), k[1], k[3]))
+  for method, mdt, _, iterations in keys:
+    variants = runs[method, mdt, ipc, iterations]
+    label = set_label(method, mdt)
+    if sum(key[:3] == (method, mdt, ipc) for key in keys) > 1:
+      label += f" ({iterations} it.)"
+    for calibrator, loss, fit_on, stage in CALIBRATORS:
       results = variants.get((loss, "none"))
       fit = results and (fitted(results, fit_on) if fit_on else results)
       if fit:
-        found.append({"set": set_label(method, mdt), "calibrator": label,
+        found.append({"set": label, "calibrator": calibrator,
                       **{metric: fit["summary"][stage][metric] for _, metric, _, _ in COLUMNS}})
   return sorted(found, key=lambda row: row["ece"]["mean"])
 

@@ -20,8 +20,10 @@ KEEP=experiments/results/leaderboard_runs
 PROTOCOL=budget=cpu,fit_on=distilled_split,also_fit_on=held_out_real
 mkdir -p "$RUNS"
 
-board() { "$PY" experiments/leaderboard.py "$KEEP" "$TABLE.$$.md" && mv "$TABLE.$$.md" "$TABLE.md" \
-  && mv "$TABLE.$$.png" "$TABLE.png"; }
+table() {  # the table and the figure (experiments/lib.sh's table writes one file)
+  "$PY" experiments/leaderboard.py "$KEEP" "$TABLE.$$.md" && mv "$TABLE.$$.md" "$TABLE.md" \
+    && mv "$TABLE.$$.png" "$TABLE.png"
+}
 
 finished() {  # whether every variant of run name $1 is kept
   local variant
@@ -32,13 +34,8 @@ finished() {  # whether every variant of run name $1 is kept
 
 evaluate() {  # run name, then configs/evaluate.py presets (beyond the protocol, each followed by a comma) and flags
   local name=$1 presets=$2; shift 2
-  local run
   for variant in ${VARIANTS:-loss=ce loss=label_smoothing}; do
-    run=${name}_${variant#*=}_eval
-    kept "$run" && continue
-    main "$RUNS/$run" --config "configs/evaluate.py:$PROTOCOL,$presets$variant" "$@"
-    keep "$RUNS/$run"
-    board
+    run_kept "${name}_${variant#*=}_eval" --config "configs/evaluate.py:$PROTOCOL,$presets$variant" "$@"
   done
 }
 
@@ -64,4 +61,4 @@ for ipc in ${IPCS:-1 10}; do
     fi
   done
 done
-board
+table

@@ -41,3 +41,5 @@ distill_and_evaluate() {
 # kept run.
 kept() { [ -f "$KEEP/$1/results.json" ]; }
 keep() { mkdir -p "$KEEP/$(basename "$1")" && cp "$1/results.json" "$1/config.json" "$KEEP/$(basename "$1")/"; }
+# Runs $RUNS/$1 (`main` with the remaining arguments) unless it is kept, keeps it and rewrites the table.
+run_kept() { kept "$1" && return; main "$RUNS/$1" "${@:2}"; keep "$RUNS/$1"; table; }

@@ -46,3 +46,21 @@ def test_leaderboard_ranks_every_calibrator_with_its_interval(tmp_path, smoke_ev
     assert low <= ece["mean"] <= high
     eces.append(ece["mean"])
   assert eces == sorted(eces)
+
+
+@pytest.mark.slow
+def test_a_set_distilled_for_two_iteration_counts_gets_rows_labelled_with_each(tmp_path, smoke_evaluation):
+  with open(os.path.join(smoke_evaluation, "results.json")) as f:
+    results = json.load(f)
+  runs = tmp_path / "runs"
+  for iterations in (60, 1000):
+    os.makedirs(runs / f"dsa_it{iterations}_eval")
+    with open(runs / f"dsa_it{iterations}_eval" / "results.json", "w") as f:
+      json.dump({**results, "training_set": {"method": "dsa", "mdt": "off", "ipc": 1,
+                                             "distill_iterations": iterations}}, f)
+  out = str(tmp_path / "board")
+  subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "leaderboard.py"), str(runs), out + ".md"],
+                 check=True)
+  rows = [line.split(" | ") for line in open(out + ".md").read().splitlines() if re.match(r"\| \d+ \|", line)]
+  assert sorted({row[1] for row in rows}) == ["DSA (1000 it.)", "DSA (60 it.)"]
+  assert len(rows) == 10  # 5 calibrators of the CE networks per set (no label-smoothing run)
