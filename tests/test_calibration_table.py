@@ -35,7 +35,7 @@ def test_sets_distilled_for_different_iterations_get_their_own_rows(tmp_path, sm
   table_1 = [line.split(" | ") for line in text.split("\n\n")[1].splitlines()[2:-1]]
   assert [row[:4] for row in table_1] == [["| DSA", str(ipc), "60", "11.0 ± 0.0"],
                                           ["| DSA", str(ipc), "1000", "33.0 ± 0.0"]]
-  tables_2 = [block for block in text.split("## Tables 2 / 3")[1:]]
+  tables_2 = text.split("## Tables 2 / 3")[1:]
   assert len(tables_2) == 3
   for block in tables_2:
     rows = [line.split(" | ") for line in block.splitlines() if line.startswith("| DSA")]
